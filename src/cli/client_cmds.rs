@@ -1,0 +1,321 @@
+//! The client commands: put, get, ls, stat, rm, status.
+
+use std::{
+    io::IsTerminal,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use super::ClientArgs;
+use crate::{
+    client::Client,
+    proto::{ObjectInfo, UploadHeader},
+};
+
+#[derive(Args)]
+pub struct PutArgs {
+    /// File to upload
+    file: PathBuf,
+    /// Key to store it under (default: the file's name)
+    #[arg(long)]
+    key: Option<String>,
+    /// Content type to record
+    #[arg(long, default_value = "")]
+    content_type: String,
+    /// Print the result as JSON
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Args)]
+pub struct GetArgs {
+    /// Key to download
+    key: String,
+    /// Where to write it: a path, or - for stdout (default: the key's last path segment)
+    #[arg(short, long, value_name = "PATH")]
+    output: Option<PathBuf>,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Args)]
+pub struct LsArgs {
+    /// Only keys starting with this prefix
+    #[arg(default_value = "")]
+    prefix: String,
+    /// Print the result as JSON
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Args)]
+pub struct StatArgs {
+    /// Key to describe
+    key: String,
+    /// Print the result as JSON
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Args)]
+pub struct RmArgs {
+    /// Key to delete
+    key: String,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    /// Print the result as JSON
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+/// A progress bar on stderr when it is a terminal, nothing otherwise.
+fn progress_bar(len: Option<u64>) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = match len {
+        Some(n) => ProgressBar::new(n),
+        None => ProgressBar::no_length(),
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{bytes}/{total_bytes} {wide_bar} {bytes_per_sec} {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+/// An object's info as JSON.
+pub fn info_json(info: &ObjectInfo) -> serde_json::Value {
+    json!({
+        "key": info.key,
+        "size": info.size,
+        "sha1": info.sha1,
+        "chunk_count": info.chunk_count,
+        "chunk_size": info.chunk_size,
+        "content_type": info.content_type,
+        "metadata": info.metadata,
+        "created_unix_ms": info.created_unix_ms,
+        "version": info.version.as_ref().map(|v| json!({"hlc": v.hlc, "node_id": v.node_id})),
+    })
+}
+
+pub async fn put(args: PutArgs) -> anyhow::Result<()> {
+    let key = match args.key {
+        Some(k) => k,
+        None => args
+            .file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_owned)
+            .context("cannot derive a key from the file name: pass --key")?,
+    };
+    let len = std::fs::metadata(&args.file)
+        .with_context(|| format!("cannot read {}", args.file.display()))?
+        .len();
+    let mut client = args.client.connect().await?;
+    let bar = progress_bar(Some(len));
+    let tick = bar.clone();
+    let header = UploadHeader {
+        key,
+        content_type: args.content_type,
+        ..Default::default()
+    };
+    let info = client
+        .upload_file(header, &args.file, move |n| tick.inc(n))
+        .await;
+    bar.finish_and_clear();
+    let info = info?;
+    if args.json {
+        println!("{}", info_json(&info));
+    } else {
+        println!("{}\t{}\t{}", info.key, info.size, info.sha1);
+    }
+    Ok(())
+}
+
+pub async fn get(args: GetArgs) -> anyhow::Result<()> {
+    let mut client = args.client.connect().await?;
+    let request = Client::key_request(&args.key);
+    let target = match &args.output {
+        Some(p) if p.as_os_str() == "-" => None,
+        Some(p) => Some(p.clone()),
+        None => Some(PathBuf::from(default_file_name(&args.key)?)),
+    };
+    let Some(target) = target else {
+        let mut stdout = tokio::io::stdout();
+        let (info, sha1, _) = client.download(request, &mut stdout, |_| {}).await?;
+        return check_sha1(&info, &sha1);
+    };
+    // Write next to the target and rename at the end, so a failed download
+    // never leaves a partial file at the target path.
+    let dir = match target.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let partial = tempfile::Builder::new()
+        .prefix(".dfs-partial-")
+        .tempfile_in(&dir)
+        .with_context(|| format!("cannot create a file in {}", dir.display()))?;
+    let (std_file, partial_path) = partial.into_parts();
+    let mut file = tokio::fs::File::from_std(std_file);
+    let bar = progress_bar(None);
+    let tick = bar.clone();
+    let result = client
+        .download(request, &mut file, move |n| tick.inc(n))
+        .await;
+    bar.finish_and_clear();
+    let (info, sha1, _) = result?;
+    check_sha1(&info, &sha1)?;
+    file.sync_all()
+        .await
+        .context("cannot flush the downloaded file")?;
+    drop(file);
+    partial_path
+        .persist(&target)
+        .with_context(|| format!("cannot write {}", target.display()))?;
+    eprintln!("{}\t{}\t{}", target.display(), info.size, info.sha1);
+    Ok(())
+}
+
+fn default_file_name(key: &str) -> anyhow::Result<String> {
+    let name = key.rsplit('/').next().unwrap_or(key);
+    anyhow::ensure!(
+        !name.is_empty() && name != "." && name != "..",
+        "key {key:?} does not end in a usable file name: pass -o PATH"
+    );
+    Ok(name.to_owned())
+}
+
+fn check_sha1(info: &ObjectInfo, got: &[u8; 20]) -> anyhow::Result<()> {
+    let got = hex::encode(got);
+    anyhow::ensure!(
+        got == info.sha1,
+        "DATA_LOSS: downloaded bytes have sha1 {got}, the object's is {}",
+        info.sha1
+    );
+    Ok(())
+}
+
+pub async fn ls(args: LsArgs) -> anyhow::Result<()> {
+    let mut client = args.client.connect().await?;
+    let objects = client.list_all(&args.prefix).await?;
+    if args.json {
+        let all: Vec<_> = objects.iter().map(info_json).collect();
+        println!("{}", serde_json::Value::Array(all));
+    } else {
+        for o in objects {
+            println!("{}\t{}\t{}", o.size, o.sha1, o.key);
+        }
+    }
+    Ok(())
+}
+
+pub async fn stat(args: StatArgs) -> anyhow::Result<()> {
+    let mut client = args.client.connect().await?;
+    let info = client.stat(&args.key).await?;
+    if args.json {
+        println!("{}", info_json(&info));
+        return Ok(());
+    }
+    println!("key:          {}", info.key);
+    println!(
+        "size:         {} ({})",
+        info.size,
+        crate::units::format_size(info.size)
+    );
+    println!("sha1:         {}", info.sha1);
+    println!(
+        "chunks:       {} x {}",
+        info.chunk_count,
+        crate::units::format_size(info.chunk_size as u64)
+    );
+    println!("content type: {}", info.content_type);
+    println!("created:      {} ms since epoch", info.created_unix_ms);
+    if let Some(v) = &info.version {
+        println!("version:      {}@{}", v.hlc, v.node_id);
+    }
+    let mut meta: Vec<_> = info.metadata.iter().collect();
+    meta.sort();
+    for (k, v) in meta {
+        println!("meta:         {k}={v}");
+    }
+    Ok(())
+}
+
+pub async fn rm(args: RmArgs) -> anyhow::Result<()> {
+    let mut client = args.client.connect().await?;
+    client.delete(&args.key).await?;
+    println!("deleted {}", args.key);
+    Ok(())
+}
+
+pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let mut client = args.client.connect().await?;
+    let s = client.status().await?;
+    if args.json {
+        let members: Vec<_> = s
+            .members
+            .iter()
+            .map(|m| {
+                json!({"node_id": m.node_id, "address": m.address, "state": m.state,
+                "last_seen_unix_ms": m.last_seen_unix_ms, "chunk_count": m.chunk_count,
+                "bytes_stored": m.bytes_stored})
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({"node_id": s.node_id, "grpc_address": s.grpc_address,
+                "p2p_address": s.p2p_address, "object_count": s.object_count,
+                "chunk_count": s.chunk_count, "bytes_stored": s.bytes_stored,
+                "repair_backlog": s.repair_backlog, "peak_rss_bytes": s.peak_rss_bytes,
+                "version": s.version, "members": members})
+        );
+        return Ok(());
+    }
+    println!("node:      {} (dfs {})", s.node_id, s.version);
+    println!("grpc:      {}", s.grpc_address);
+    println!("p2p:       {}", s.p2p_address);
+    println!("objects:   {}", s.object_count);
+    println!(
+        "chunks:    {} ({})",
+        s.chunk_count,
+        crate::units::format_size(s.bytes_stored)
+    );
+    println!("peak rss:  {}", crate::units::format_size(s.peak_rss_bytes));
+    println!("members:");
+    for m in &s.members {
+        println!(
+            "  {}  {:<21}  {:<5}  {} chunks  {}",
+            m.node_id,
+            m.address,
+            m.state,
+            m.chunk_count,
+            crate::units::format_size(m.bytes_stored)
+        );
+    }
+    Ok(())
+}
+
+/// Used by the demo: the path of a file relative to a directory, as a key.
+pub fn key_for(base: &Path, path: &Path) -> String {
+    path.strip_prefix(base)
+        .unwrap_or(path)
+        .to_string_lossy()
+        .replace('\\', "/")
+}

@@ -1,0 +1,259 @@
+//! A small Rust client for a dfs node, used by the CLI, the demo and the
+//! benchmark. Streams files in both directions with bounded buffers.
+
+use std::path::Path;
+
+use bytes::Bytes;
+use sha1::{Digest, Sha1};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    sync::mpsc,
+};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{
+    Request, Status,
+    metadata::MetadataValue,
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::{Channel, Endpoint},
+};
+
+use crate::proto::{
+    DeleteRequest, DownloadRequest, ListRequest, ObjectInfo, StatRequest, StatusRequest,
+    StatusResponse, UploadHeader, UploadRequest, cluster_client::ClusterClient, download_request,
+    download_response, stat_request, storage_client::StorageClient, upload_request,
+};
+
+/// Bytes per upload data message: big enough to amortise per-message costs,
+/// small enough to stay far below every server's message limit.
+pub const UPLOAD_MESSAGE_BYTES: usize = 1 << 20;
+
+/// Adds `authorization: Bearer <token>` when a token is set.
+#[derive(Clone)]
+pub struct TokenAuth(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl Interceptor for TokenAuth {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Authed = InterceptedService<Channel, TokenAuth>;
+
+/// A connection to one node.
+#[derive(Clone)]
+pub struct Client {
+    storage: StorageClient<Authed>,
+    cluster: ClusterClient<Authed>,
+}
+
+/// Where to find a node's address text as `http://host:port`.
+fn endpoint_uri(addr: &str) -> String {
+    if addr.starts_with("http://") || addr.starts_with("https://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+impl Client {
+    /// Connects to `addr` (`host:port`), sending `token` on every call.
+    pub async fn connect(addr: &str, token: Option<String>) -> anyhow::Result<Self> {
+        let uri = endpoint_uri(addr);
+        let channel = Endpoint::from_shared(uri)
+            .map_err(|e| anyhow::anyhow!("invalid node address {addr:?}: {e}"))?
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot connect to node at {addr}: {e}"))?;
+        let value = match token {
+            Some(t) => Some(format!("Bearer {}", t.trim()).parse().map_err(|_| {
+                anyhow::anyhow!("token contains characters not allowed in a header")
+            })?),
+            None => None,
+        };
+        let auth = TokenAuth(value);
+        Ok(Self {
+            storage: StorageClient::with_interceptor(channel.clone(), auth.clone())
+                .max_decoding_message_size(crate::grpc::MAX_MESSAGE_BYTES),
+            cluster: ClusterClient::with_interceptor(channel, auth),
+        })
+    }
+
+    /// Uploads everything `reader` yields under `key`. `progress` is called
+    /// with each message's size as it is queued.
+    pub async fn upload<R>(
+        &mut self,
+        header: UploadHeader,
+        mut reader: R,
+        progress: impl Fn(u64) + Send + 'static,
+    ) -> Result<ObjectInfo, Status>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel(4);
+        let (err_tx, err_rx) = tokio::sync::oneshot::channel::<std::io::Error>();
+        let first = UploadRequest {
+            msg: Some(upload_request::Msg::Header(header)),
+        };
+        tokio::spawn(async move {
+            if tx.send(first).await.is_err() {
+                return;
+            }
+            loop {
+                let mut buf = vec![0u8; UPLOAD_MESSAGE_BYTES];
+                let mut filled = 0;
+                while filled < buf.len() {
+                    match reader.read(&mut buf[filled..]).await {
+                        Ok(0) => break,
+                        Ok(n) => filled += n,
+                        Err(e) => {
+                            // Ending the stream now would commit a truncated
+                            // object: report the error and keep the stream
+                            // open until the caller cancels the call.
+                            let _ = err_tx.send(e);
+                            tx.closed().await;
+                            return;
+                        }
+                    }
+                }
+                if filled == 0 {
+                    return;
+                }
+                buf.truncate(filled);
+                progress(filled as u64);
+                let msg = UploadRequest {
+                    msg: Some(upload_request::Msg::Data(Bytes::from(buf))),
+                };
+                if tx.send(msg).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut storage = self.storage.clone();
+        let call = storage.upload(ReceiverStream::new(rx));
+        tokio::select! {
+            response = call => response?
+                .into_inner()
+                .object
+                .ok_or_else(|| Status::internal("node returned no object info")),
+            Ok(e) = err_rx => Err(Status::aborted(format!(
+                "reading the input failed, upload cancelled: {e}"
+            ))),
+        }
+    }
+
+    /// Uploads a local file.
+    pub async fn upload_file(
+        &mut self,
+        header: UploadHeader,
+        path: &Path,
+        progress: impl Fn(u64) + Send + 'static,
+    ) -> anyhow::Result<ObjectInfo> {
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+        Ok(self.upload(header, file, progress).await?)
+    }
+
+    /// Streams an object (or a range of it) into `out`. Returns the object's
+    /// info and the SHA-1 of the bytes written.
+    pub async fn download<W>(
+        &mut self,
+        request: DownloadRequest,
+        out: &mut W,
+        progress: impl Fn(u64),
+    ) -> Result<(ObjectInfo, [u8; 20], u64), Status>
+    where
+        W: AsyncWrite + Unpin,
+    {
+        let mut stream = self.storage.download(request).await?.into_inner();
+        let info = match stream.message().await? {
+            Some(m) => match m.msg {
+                Some(download_response::Msg::Info(info)) => info,
+                _ => return Err(Status::internal("node sent data before the object info")),
+            },
+            None => {
+                return Err(Status::internal(
+                    "node ended the download without object info",
+                ));
+            }
+        };
+        let mut sha1 = Sha1::new();
+        let mut written = 0u64;
+        while let Some(m) = stream.message().await? {
+            let Some(download_response::Msg::Data(bytes)) = m.msg else {
+                return Err(Status::internal("node sent a second object info"));
+            };
+            sha1.update(&bytes);
+            out.write_all(&bytes)
+                .await
+                .map_err(|e| Status::aborted(format!("writing the output failed: {e}")))?;
+            written += bytes.len() as u64;
+            progress(bytes.len() as u64);
+        }
+        out.flush()
+            .await
+            .map_err(|e| Status::aborted(format!("writing the output failed: {e}")))?;
+        Ok((info, sha1.finalize().into(), written))
+    }
+
+    /// A download request for a whole object by key.
+    pub fn key_request(key: &str) -> DownloadRequest {
+        DownloadRequest {
+            target: Some(download_request::Target::Key(key.to_owned())),
+            offset: 0,
+            length: 0,
+        }
+    }
+
+    /// Describes an object by key.
+    pub async fn stat(&mut self, key: &str) -> Result<ObjectInfo, Status> {
+        let req = StatRequest {
+            target: Some(stat_request::Target::Key(key.to_owned())),
+        };
+        Ok(self.storage.stat(req).await?.into_inner())
+    }
+
+    /// Every object under `prefix`, fetched page by page.
+    pub async fn list_all(&mut self, prefix: &str) -> Result<Vec<ObjectInfo>, Status> {
+        let mut all = Vec::new();
+        let mut token = String::new();
+        loop {
+            let page = self
+                .storage
+                .list(ListRequest {
+                    prefix: prefix.to_owned(),
+                    page_size: 1000,
+                    page_token: token,
+                })
+                .await?
+                .into_inner();
+            all.extend(page.objects);
+            if page.next_page_token.is_empty() {
+                return Ok(all);
+            }
+            token = page.next_page_token;
+        }
+    }
+
+    /// Deletes an object by key.
+    pub async fn delete(&mut self, key: &str) -> Result<(), Status> {
+        self.storage
+            .delete(DeleteRequest {
+                key: key.to_owned(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// The node's status.
+    pub async fn status(&mut self) -> Result<StatusResponse, Status> {
+        Ok(self.cluster.status(StatusRequest {}).await?.into_inner())
+    }
+}

@@ -1,0 +1,69 @@
+//! Settings of a running node, already validated.
+
+use std::{path::PathBuf, time::Duration};
+
+/// Smallest chunk size a node accepts: below it, per-chunk costs (an fsync,
+/// a file, an index entry of 20 bytes) dominate.
+pub const MIN_CHUNK_SIZE: usize = 64 << 10;
+/// Largest chunk size: a chunk is buffered whole while it is sealed or
+/// verified, so this bounds per-transfer memory.
+pub const MAX_CHUNK_SIZE: usize = 16 << 20;
+/// Default chunk size.
+pub const DEFAULT_CHUNK_SIZE: usize = 4 << 20;
+
+/// How a node stores data. Built by the CLI from flags and environment.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Root of everything the node persists.
+    pub data_dir: PathBuf,
+    /// Chunk size for new uploads (existing objects keep theirs).
+    pub chunk_size: usize,
+    /// How long an unreferenced chunk is kept before the collector deletes it.
+    /// Must exceed the longest upload (chunks exist before their record).
+    pub gc_grace: Duration,
+    /// How often the collector scans for unreferenced chunks.
+    pub gc_interval: Duration,
+    /// Upper bound on bytes of chunk files; `None` means "until the disk is full".
+    pub capacity: Option<u64>,
+    /// Node-wide bound on bytes of chunk buffers held by transfers at once.
+    pub buffer_budget: usize,
+    /// File holding the cluster secret; `None` means `<data_dir>/cluster.key`,
+    /// created on first start.
+    pub cluster_key_file: Option<PathBuf>,
+}
+
+impl NodeConfig {
+    /// A configuration with defaults for everything but the data directory.
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self {
+            data_dir,
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            gc_grace: Duration::from_secs(3600),
+            gc_interval: Duration::from_secs(600),
+            capacity: None,
+            buffer_budget: 32 << 20,
+            cluster_key_file: None,
+        }
+    }
+
+    /// Checks the settings that can be wrong on their own.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&self.chunk_size) {
+            return Err(format!(
+                "chunk size {} is out of range: use {} to {} bytes",
+                self.chunk_size, MIN_CHUNK_SIZE, MAX_CHUNK_SIZE
+            ));
+        }
+        // One upload must always be able to hold at least one whole chunk.
+        if self.buffer_budget < 2 * (self.chunk_size + crate::crypto::IV_LEN) {
+            return Err(format!(
+                "buffer budget {} is too small for chunk size {}: needs at least two chunks",
+                self.buffer_budget, self.chunk_size
+            ));
+        }
+        if self.gc_interval.is_zero() {
+            return Err("gc interval must be positive".into());
+        }
+        Ok(())
+    }
+}

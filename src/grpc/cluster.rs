@@ -1,0 +1,79 @@
+//! `dfs.v1.Cluster`: what this node knows about itself (and, later, its peers).
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::node_status;
+use crate::{
+    node::{Node, now_ms},
+    proto::{MemberStatus, StatusRequest, StatusResponse, cluster_server::Cluster},
+};
+
+/// The Cluster service over one node.
+pub struct ClusterService {
+    node: Arc<Node>,
+    grpc_address: String,
+    p2p_address: String,
+}
+
+impl ClusterService {
+    pub fn new(node: Arc<Node>, grpc_address: String, p2p_address: String) -> Self {
+        Self {
+            node,
+            grpc_address,
+            p2p_address,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Cluster for ClusterService {
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        let (chunk_count, bytes_stored) = self.node.store().usage();
+        let object_count = self
+            .node
+            .index()
+            .live_objects()
+            .map_err(|e| node_status(e.into()))?;
+        let me = MemberStatus {
+            node_id: self.node.id().to_owned(),
+            address: self.p2p_address.clone(),
+            state: "self".into(),
+            last_seen_unix_ms: now_ms(),
+            chunk_count,
+            bytes_stored,
+        };
+        Ok(Response::new(StatusResponse {
+            node_id: self.node.id().to_owned(),
+            grpc_address: self.grpc_address.clone(),
+            p2p_address: self.p2p_address.clone(),
+            object_count,
+            chunk_count,
+            bytes_stored,
+            members: vec![me],
+            repair_backlog: 0,
+            peak_rss_bytes: peak_rss_bytes().unwrap_or(0),
+            version: env!("CARGO_PKG_VERSION").into(),
+        }))
+    }
+}
+
+/// The process's peak resident set size (`VmHWM`), in bytes. Linux only.
+pub fn peak_rss_bytes() -> Option<u64> {
+    proc_status_kib("VmHWM:").map(|kib| kib * 1024)
+}
+
+fn proc_status_kib(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line[field.len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}

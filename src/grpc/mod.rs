@@ -1,0 +1,174 @@
+//! The gRPC front door: `dfs.v1.Storage`, `dfs.v1.Cluster`, standard health
+//! checking and server reflection (v1 and v1alpha, for grpcurl).
+//!
+//! Handlers are thin: they translate protobuf to the node's types and the
+//! node's errors to status codes, nothing else.
+
+mod auth;
+mod cluster;
+pub mod codec;
+mod storage;
+
+use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Code, Status};
+
+pub use auth::BearerAuth;
+pub use cluster::{ClusterService, peak_rss_bytes};
+pub use storage::StorageService;
+
+use crate::{
+    node::{Node, NodeError},
+    proto::{cluster_server::ClusterServer, storage_server::StorageServer},
+};
+
+/// Largest gRPC message the node decodes. An upload's data messages must fit;
+/// clients send far smaller ones (the dfs CLI sends 1 MiB).
+pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
+
+/// The status code for each kind of node error.
+pub fn node_status(e: NodeError) -> Status {
+    let code = match &e {
+        NodeError::InvalidArgument(_) => Code::InvalidArgument,
+        NodeError::NotFound(_) => Code::NotFound,
+        NodeError::OutOfRange(_) => Code::OutOfRange,
+        NodeError::DataLoss(_) => Code::DataLoss,
+        NodeError::ResourceExhausted(_) => Code::ResourceExhausted,
+        NodeError::Unavailable(_) => Code::Unavailable,
+        NodeError::Cancelled(_) => Code::Cancelled,
+        NodeError::Internal(_) => Code::Internal,
+    };
+    Status::new(code, e.to_string())
+}
+
+/// A status that arrived on a request stream, as a node error.
+pub fn status_error(status: Status) -> NodeError {
+    let msg = status.message().to_owned();
+    match status.code() {
+        Code::InvalidArgument => NodeError::InvalidArgument(msg),
+        Code::ResourceExhausted => NodeError::ResourceExhausted(msg),
+        Code::Cancelled => NodeError::Cancelled(format!("client cancelled: {msg}")),
+        Code::DeadlineExceeded => NodeError::Cancelled(format!("deadline exceeded: {msg}")),
+        _ => NodeError::Cancelled(format!("request stream failed: {status}")),
+    }
+}
+
+/// Where and how the gRPC server listens.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Address to bind; port 0 picks a free one.
+    pub grpc_addr: String,
+    /// Shown in Cluster.Status as this node's peer address.
+    pub p2p_addr: String,
+    /// Bearer token required on Storage and Cluster calls.
+    pub auth_token: Option<String>,
+    /// File to write the bound gRPC address to once listening.
+    pub addr_file: Option<PathBuf>,
+    /// How long in-flight requests may run after shutdown begins.
+    pub shutdown_grace: Duration,
+}
+
+/// Binds the gRPC address (refusing nothing: the caller chose it).
+pub async fn bind(addr: &str) -> anyhow::Result<(TcpListener, SocketAddr)> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen for gRPC on {addr}: {e}"))?;
+    let local = listener.local_addr()?;
+    Ok((listener, local))
+}
+
+/// Serves until `shutdown` resolves, then drains: health turns NOT_SERVING,
+/// new connections and streams are refused, and in-flight requests get up to
+/// `shutdown_grace` to finish.
+pub async fn serve(
+    node: Arc<Node>,
+    opts: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (listener, local) = bind(&opts.grpc_addr).await?;
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<StorageServer<StorageService>>()
+        .await;
+    health_reporter
+        .set_serving::<ClusterServer<ClusterService>>()
+        .await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let auth = BearerAuth::new(opts.auth_token.clone());
+    let storage = StorageServer::new(StorageService::new(node.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let cluster = ClusterServer::new(ClusterService::new(
+        node.clone(),
+        local.to_string(),
+        opts.p2p_addr.clone(),
+    ));
+
+    // Shutdown: stop advertising health first, then stop the server; the
+    // drain is bounded so one stuck client cannot hold the process forever.
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let reporter = health_reporter.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutting down: health NOT_SERVING, draining in-flight requests");
+        reporter
+            .set_not_serving::<StorageServer<StorageService>>()
+            .await;
+        reporter
+            .set_not_serving::<ClusterServer<ClusterService>>()
+            .await;
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        let _ = drain_tx.send(());
+    });
+    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            storage,
+            auth.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            cluster, auth,
+        ))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            let _ = drain_rx.await;
+            let _ = drained_tx.send(());
+        });
+
+    if let Some(path) = &opts.addr_file {
+        write_addr_file(path, &local.to_string())?;
+    }
+    tracing::info!(grpc = %local, node_id = %node.id(), "dfs node serving");
+
+    let grace = opts.shutdown_grace;
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => result?,
+        _ = async { let _ = drained_rx.await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(grace = ?grace, "in-flight requests outlived the shutdown grace; exiting anyway");
+        }
+    }
+    Ok(())
+}
+
+fn write_addr_file(path: &std::path::Path, addr: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{addr}\n"))?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}

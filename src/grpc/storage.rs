@@ -1,0 +1,177 @@
+//! `dfs.v1.Storage`: translates between protobuf and the node's pipelines.
+
+use std::{pin::Pin, sync::Arc};
+
+use bytes::Bytes;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{node_status, status_error};
+use crate::{
+    node::{Node, NodeError, Target, UploadMeta, object_info},
+    proto::{
+        DeleteRequest, DeleteResponse, DownloadRequest, DownloadResponse, ListRequest,
+        ListResponse, ObjectInfo, StatRequest, UploadRequest, UploadResponse, download_request,
+        download_response, stat_request, storage_server::Storage, upload_request,
+    },
+};
+
+/// Page size when the client asks for 0.
+const DEFAULT_PAGE: usize = 100;
+/// Largest page, so one List call is bounded in memory and time.
+const MAX_PAGE: usize = 1000;
+
+/// The Storage service over one node.
+pub struct StorageService {
+    node: Arc<Node>,
+}
+
+impl StorageService {
+    pub fn new(node: Arc<Node>) -> Self {
+        Self { node }
+    }
+}
+
+type DownloadStream = Pin<Box<dyn Stream<Item = Result<DownloadResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Storage for StorageService {
+    async fn upload(
+        &self,
+        request: Request<Streaming<UploadRequest>>,
+    ) -> Result<Response<UploadResponse>, Status> {
+        let mut stream = request.into_inner();
+        let header = match stream.message().await? {
+            Some(UploadRequest {
+                msg: Some(upload_request::Msg::Header(h)),
+            }) => h,
+            Some(_) => {
+                return Err(Status::invalid_argument(
+                    "the first upload message must be a header",
+                ));
+            }
+            None => return Err(Status::invalid_argument("upload has no header")),
+        };
+        let meta = UploadMeta {
+            key: header.key,
+            content_type: header.content_type,
+            expected_sha1: header.expected_sha1,
+            metadata: header.metadata,
+        };
+        let key = meta.key.clone();
+        let data = stream.map(|item| match item {
+            Ok(UploadRequest {
+                msg: Some(upload_request::Msg::Data(bytes)),
+            }) => Ok(bytes),
+            Ok(UploadRequest {
+                msg: Some(upload_request::Msg::Header(_)),
+            }) => Err(NodeError::InvalidArgument(
+                "an upload has exactly one header, as its first message".into(),
+            )),
+            Ok(UploadRequest { msg: None }) => Err(NodeError::InvalidArgument(
+                "upload message has neither header nor data".into(),
+            )),
+            Err(status) => Err(status_error(status)),
+        });
+        let record = self.node.upload(meta, Box::pin(data)).await.map_err(|e| {
+            tracing::warn!(key = %key, error = %e, "upload failed");
+            node_status(e)
+        })?;
+        tracing::info!(key = %record.key, size = record.size, chunks = record.chunk_count(),
+            sha1 = %hex::encode(&record.sha1), "stored object");
+        Ok(Response::new(UploadResponse {
+            object: Some(object_info(&record)),
+        }))
+    }
+
+    type DownloadStream = DownloadStream;
+
+    async fn download(
+        &self,
+        request: Request<DownloadRequest>,
+    ) -> Result<Response<DownloadStream>, Status> {
+        let req = request.into_inner();
+        let target = match req.target {
+            Some(download_request::Target::Key(k)) => Target::Key(k),
+            Some(download_request::Target::Sha1(s)) => Target::Sha1(s),
+            None => return Err(Status::invalid_argument("give a key or a sha1 to download")),
+        };
+        let download = self
+            .node
+            .download(&target, req.offset, req.length)
+            .map_err(node_status)?;
+        let info = DownloadResponse {
+            msg: Some(download_response::Msg::Info(object_info(&download.record))),
+        };
+        let key = download.record.key.clone();
+        let data = download.data.map(move |item| match item {
+            Ok(bytes) => Ok(data_message(bytes)),
+            Err(e) => {
+                tracing::warn!(key = %key, error = %e, "download failed");
+                Err(node_status(e))
+            }
+        });
+        let stream = tokio_stream::once(Ok(info)).chain(data);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn stat(&self, request: Request<StatRequest>) -> Result<Response<ObjectInfo>, Status> {
+        let target = match request.into_inner().target {
+            Some(stat_request::Target::Key(k)) => Target::Key(k),
+            Some(stat_request::Target::Sha1(s)) => Target::Sha1(s),
+            None => return Err(Status::invalid_argument("give a key or a sha1 to stat")),
+        };
+        let record = self.node.resolve(&target).map_err(node_status)?;
+        Ok(Response::new(object_info(&record)))
+    }
+
+    async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        let req = request.into_inner();
+        let limit = match req.page_size as usize {
+            0 => DEFAULT_PAGE,
+            n => n.min(MAX_PAGE),
+        };
+        let after = match req.page_token.as_str() {
+            "" => None,
+            token => Some(
+                hex::decode(token)
+                    .ok()
+                    .and_then(|raw| String::from_utf8(raw).ok())
+                    .ok_or_else(|| {
+                        Status::invalid_argument("page_token is not one this node issued")
+                    })?,
+            ),
+        };
+        let page = self
+            .node
+            .index()
+            .list(&req.prefix, after.as_deref(), limit)
+            .map_err(|e| node_status(e.into()))?;
+        let next_page_token = match (page.more, page.records.last()) {
+            (true, Some(last)) => hex::encode(last.key.as_bytes()),
+            _ => String::new(),
+        };
+        Ok(Response::new(ListResponse {
+            objects: page.records.iter().map(object_info).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<DeleteRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
+        let key = request.into_inner().key;
+        let version = self.node.delete(&key).map_err(node_status)?;
+        tracing::info!(key = %key, "deleted object");
+        Ok(Response::new(DeleteResponse {
+            version: Some(version),
+        }))
+    }
+}
+
+fn data_message(bytes: Bytes) -> DownloadResponse {
+    DownloadResponse {
+        msg: Some(download_response::Msg::Data(bytes)),
+    }
+}
