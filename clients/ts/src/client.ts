@@ -184,10 +184,15 @@ export class DfsClient {
           }
         }
       } catch (error) {
-        // Cancel the call instead of finishing it: a half-sent file must not
-        // become an object.
+        // The call must fail, not finish: a half-sent file must never become
+        // an object. Aborting alone is not enough, because Node's http2
+        // closes a stream by sending END_STREAM right before RST_STREAM, and
+        // the node could commit what it got in between. So first send a
+        // second header, a protocol violation ("every later message data")
+        // that makes the node reject the upload, then reset the stream.
         readError = { error };
-        abort.abort(error);
+        yield create(UploadRequestSchema, { msg: { case: "header", value: { key } } });
+        abort.abort(new ConnectError("upload source failed", Code.Canceled));
         throw error;
       }
     }
