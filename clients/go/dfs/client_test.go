@@ -10,6 +10,7 @@ import (
 	"crypto/rand"
 	"crypto/sha1"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -292,5 +293,32 @@ func TestTokenFileMissing(t *testing.T) {
 	_, err := dfs.Dial("127.0.0.1:1", dfs.WithTokenFile(filepath.Join(t.TempDir(), "nope")))
 	if err == nil {
 		t.Fatal("Dial with a missing token file succeeded")
+	}
+}
+
+// failingReader yields some data, then fails.
+type failingReader struct{ n int }
+
+func (r *failingReader) Read(p []byte) (int, error) {
+	if r.n >= 3 {
+		return 0, errors.New("disk on fire")
+	}
+	r.n++
+	for i := range p {
+		p[i] = 'y'
+	}
+	return len(p), nil
+}
+
+func TestFailedReadAbortsUpload(t *testing.T) {
+	c := dial(t, testAddr(t, "DFS_TEST_ADDR"))
+	ctx := testCtx(t)
+	key := keyPrefix + "broken"
+	_, err := c.Upload(ctx, key, &failingReader{})
+	if err == nil || !strings.Contains(err.Error(), "disk on fire") {
+		t.Fatalf("Upload from a failing reader: got %v, want the read error", err)
+	}
+	if _, err := c.Stat(ctx, key); status.Code(err) != codes.NotFound {
+		t.Fatalf("a failed upload left an object behind: %v", err)
 	}
 }
