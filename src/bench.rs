@@ -1,7 +1,357 @@
-//! `dfs bench`: placeholder replaced below.
+//! `dfs bench`: how fast a node stores and serves data, how much memory it
+//! needs doing so, and, measured in the same run, what this machine's CPU
+//! and disk allow, so every figure comes with the limit it is bounded by.
+
+use std::{
+    path::{Path, PathBuf},
+    pin::Pin,
+    process::Stdio,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use aes::cipher::{KeyIvInit, StreamCipher};
 use clap::Args;
-#[derive(Args)]
-pub struct BenchArgs {}
-pub async fn run(_a: BenchArgs) -> anyhow::Result<()> {
-    anyhow::bail!("bench: not built yet")
+use sha1::{Digest, Sha1};
+use tokio::io::{AsyncRead, ReadBuf};
+
+use crate::{
+    client::Client,
+    proto::UploadHeader,
+    units::{format_size, parse_size},
+};
+
+/// Flags of `dfs bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Bytes to upload and download (e.g. 256MiB, 2GiB)
+    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    pub size: u64,
+    /// Benchmark this node instead of starting one (peak RSS then comes from its Status)
+    #[arg(long, env = "DFS_NODE")]
+    pub node: Option<String>,
+    /// Directory for the bench node's data and the disk test (default: a temporary directory under .)
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// Number of 4 KiB objects for the small-object test (0 skips it)
+    #[arg(long, default_value_t = 2000)]
+    pub small_objects: usize,
+    /// Concurrent clients for the small-object test
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    /// Bytes written by the disk test
+    #[arg(long, default_value = "512MiB", value_parser = parse_size)]
+    pub disk_test_size: u64,
+    /// Extra flags for the bench node (e.g. "--chunk-size 8MiB")
+    #[arg(long, allow_hyphen_values = true, default_value = "")]
+    pub node_args: String,
+}
+
+/// The machine's own limits, measured on one core.
+struct MachineLimits {
+    sha1: f64,
+    aes_ctr: f64,
+    aes_then_sha1: f64,
+    hmac_aes_sha1: f64,
+    disk_write_fdatasync: f64,
+}
+
+const MB: f64 = 1_000_000.0;
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let scratch = match &args.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            tempfile::Builder::new()
+                .prefix("dfs-bench-")
+                .tempdir_in(d)?
+        }
+        None => tempfile::Builder::new()
+            .prefix("dfs-bench-")
+            .tempdir_in(".")?,
+    };
+    println!(
+        "dfs bench: {} object, {} small objects x {} clients",
+        format_size(args.size),
+        args.small_objects,
+        args.concurrency
+    );
+    let limits =
+        tokio::task::block_in_place(|| measure_machine(scratch.path(), args.disk_test_size))?;
+    println!("machine (one core unless noted):");
+    println!(
+        "  SHA-1                          {:>8.0} MB/s",
+        limits.sha1 / MB
+    );
+    println!(
+        "  AES-256-CTR                    {:>8.0} MB/s",
+        limits.aes_ctr / MB
+    );
+    println!(
+        "  AES-256-CTR then SHA-1         {:>8.0} MB/s",
+        limits.aes_then_sha1 / MB
+    );
+    println!(
+        "  SHA-1 + HMAC-SHA1 + AES (seal) {:>8.0} MB/s",
+        limits.hmac_aes_sha1 / MB
+    );
+    println!(
+        "  sequential write + fdatasync   {:>8.0} MB/s  (4 MiB blocks, {} total)",
+        limits.disk_write_fdatasync / MB,
+        format_size(args.disk_test_size)
+    );
+
+    let mut child = None;
+    let addr = match &args.node {
+        Some(a) => a.clone(),
+        None => {
+            let (c, a) = start_node(&scratch.path().join("node"), &args.node_args).await?;
+            child = Some(c);
+            a
+        }
+    };
+    let result = run_against(&addr, &args, &limits).await;
+    if let Some(mut c) = child {
+        let _ = c.start_kill();
+        let _ = c.wait().await;
+    }
+    result
+}
+
+async fn run_against(addr: &str, args: &BenchArgs, limits: &MachineLimits) -> anyhow::Result<()> {
+    let mut client = Client::connect(addr, std::env::var("DFS_TOKEN").ok()).await?;
+    let rss_before = client.status().await?.peak_rss_bytes;
+
+    let key = format!("bench/{}", std::process::id());
+    let header = UploadHeader {
+        key: key.clone(),
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let info = client
+        .upload(header, RandomReader::new(args.size, 0x5eed_1234), |_| {})
+        .await?;
+    let up_secs = started.elapsed().as_secs_f64();
+    let rss_after_upload = client.status().await?.peak_rss_bytes;
+
+    let started = Instant::now();
+    let (_, got) = client.download_discard(Client::key_request(&key)).await?;
+    let down_secs = started.elapsed().as_secs_f64();
+    anyhow::ensure!(got == info.size, "downloaded {got} bytes of {}", info.size);
+    let status = client.status().await?;
+    client.delete(&key).await?;
+
+    let up = args.size as f64 / up_secs;
+    let down = args.size as f64 / down_secs;
+    println!("node {addr}:");
+    println!(
+        "  upload    {:>8.0} MB/s  ({:.2} s)  = {:.2} x disk write+fdatasync",
+        up / MB,
+        up_secs,
+        up / limits.disk_write_fdatasync
+    );
+    println!(
+        "  download  {:>8.0} MB/s  ({:.2} s)  = {:.2} x AES-256-CTR then SHA-1",
+        down / MB,
+        down_secs,
+        down / limits.aes_then_sha1
+    );
+    println!(
+        "  node peak RSS (VmHWM): {} at start, {} after upload, {} after download",
+        format_size(rss_before),
+        format_size(rss_after_upload),
+        format_size(status.peak_rss_bytes)
+    );
+
+    if args.small_objects > 0 {
+        small_objects(client, args.small_objects, args.concurrency).await?;
+    }
+    Ok(())
+}
+
+/// Many 4 KiB uploads from concurrent clients: objects/s and latency.
+async fn small_objects(client: Client, count: usize, concurrency: usize) -> anyhow::Result<()> {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency.max(1) {
+        let (mut client, next) = (client.clone(), next.clone());
+        tasks.spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= count {
+                    return Ok::<_, anyhow::Error>(latencies);
+                }
+                let header = UploadHeader {
+                    key: format!("bench-small/{i}"),
+                    ..Default::default()
+                };
+                let t = Instant::now();
+                client
+                    .upload(header, RandomReader::new(4096, i as u64 + 1), |_| {})
+                    .await?;
+                latencies.push(t.elapsed());
+            }
+        });
+    }
+    let mut all: Vec<Duration> = Vec::with_capacity(count);
+    while let Some(done) = tasks.join_next().await {
+        all.extend(done??);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    all.sort();
+    let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)];
+    println!(
+        "  4 KiB objects, {concurrency} clients: {:.0} objects/s, p50 {:.1} ms, p99 {:.1} ms",
+        count as f64 / secs,
+        pct(0.50).as_secs_f64() * 1e3,
+        pct(0.99).as_secs_f64() * 1e3
+    );
+    let mut cleanup = client;
+    for i in 0..count {
+        let _ = cleanup.delete(&format!("bench-small/{i}")).await;
+    }
+    Ok(())
+}
+
+async fn start_node(dir: &Path, extra: &str) -> anyhow::Result<(tokio::process::Child, String)> {
+    std::fs::create_dir_all(dir)?;
+    let addr_file = dir.join("addr");
+    let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
+    cmd.arg("node")
+        .arg("--data")
+        .arg(dir)
+        .arg("--grpc-addr")
+        .arg("127.0.0.1:0")
+        .arg("--addr-file")
+        .arg(&addr_file)
+        .args(extra.split_whitespace())
+        .env("DFS_LOG", "warn")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let child = cmd.spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&addr_file) {
+            return Ok((child, text.trim().to_owned()));
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "bench node did not start within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn measure_machine(dir: &Path, disk_bytes: u64) -> anyhow::Result<MachineLimits> {
+    const CHUNK: usize = 4 << 20;
+    const ROUNDS: usize = 64; // 256 MiB per CPU figure
+    let mut buf = vec![0u8; CHUNK];
+    RandomReader::new(0, 7).fill(&mut buf);
+    let total = (CHUNK * ROUNDS) as f64;
+    let key = [7u8; 32];
+    let iv = [9u8; 16];
+    let keys = crate::crypto::Keys::derive(&crate::crypto::ClusterSecret::generate());
+
+    let rate = |f: &mut dyn FnMut()| {
+        let t = Instant::now();
+        f();
+        total / t.elapsed().as_secs_f64()
+    };
+    let sha1 = rate(&mut || {
+        let mut h = Sha1::new();
+        for _ in 0..ROUNDS {
+            h.update(&buf);
+        }
+        std::hint::black_box(h.finalize());
+    });
+    let aes_ctr = rate(&mut || {
+        for _ in 0..ROUNDS {
+            let mut c = ctr::Ctr128BE::<aes::Aes256>::new(&key.into(), &iv.into());
+            c.apply_keystream(&mut buf);
+        }
+    });
+    let aes_then_sha1 = rate(&mut || {
+        for _ in 0..ROUNDS {
+            let mut c = ctr::Ctr128BE::<aes::Aes256>::new(&key.into(), &iv.into());
+            c.apply_keystream(&mut buf);
+            std::hint::black_box(Sha1::digest(&buf));
+        }
+    });
+    let mut sealed = vec![0u8; CHUNK + crate::crypto::IV_LEN];
+    let hmac_aes_sha1 = rate(&mut || {
+        let mut file = Sha1::new();
+        for _ in 0..ROUNDS {
+            file.update(&sealed[crate::crypto::IV_LEN..]);
+            std::hint::black_box(keys.seal_in_place(&mut sealed));
+        }
+        std::hint::black_box(file.finalize());
+    });
+
+    let path = dir.join("disk-test");
+    let disk_write_fdatasync = {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&path)?;
+        let blocks = (disk_bytes as usize).div_ceil(CHUNK).max(1);
+        let t = Instant::now();
+        for _ in 0..blocks {
+            f.write_all(&buf)?;
+            f.sync_data()?;
+        }
+        let r = (blocks * CHUNK) as f64 / t.elapsed().as_secs_f64();
+        drop(f);
+        std::fs::remove_file(&path)?;
+        r
+    };
+    Ok(MachineLimits {
+        sha1,
+        aes_ctr,
+        aes_then_sha1,
+        hmac_aes_sha1,
+        disk_write_fdatasync,
+    })
+}
+
+/// An endless-looking stream of pseudo-random bytes of a set length. Every
+/// chunk differs, so dedup cannot flatter the figures. xorshift64*: fast
+/// enough that the generator is never what is measured.
+struct RandomReader {
+    remaining: u64,
+    state: u64,
+}
+
+impl RandomReader {
+    fn new(len: u64, seed: u64) -> Self {
+        Self {
+            remaining: len,
+            state: seed | 1,
+        }
+    }
+
+    fn fill(&mut self, out: &mut [u8]) {
+        for word in out.chunks_mut(8) {
+            self.state ^= self.state >> 12;
+            self.state ^= self.state << 25;
+            self.state ^= self.state >> 27;
+            let v = self.state.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
+            word.copy_from_slice(&v[..word.len()]);
+        }
+    }
+}
+
+impl AsyncRead for RandomReader {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let n = (buf.remaining() as u64).min(self.remaining) as usize;
+        let dst = buf.initialize_unfilled_to(n);
+        self.fill(dst);
+        buf.advance(n);
+        self.remaining -= n as u64;
+        Poll::Ready(Ok(()))
+    }
 }

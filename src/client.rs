@@ -68,6 +68,9 @@ impl Client {
             .map_err(|e| anyhow::anyhow!("invalid node address {addr:?}: {e}"))?
             .connect_timeout(std::time::Duration::from_secs(5))
             .tcp_nodelay(true)
+            .initial_stream_window_size(crate::grpc::STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(crate::grpc::CONNECTION_WINDOW_BYTES)
+            .max_frame_size(1 << 20)
             .connect()
             .await
             .map_err(|e| anyhow::anyhow!("cannot connect to node at {addr}: {e}"))?;
@@ -255,5 +258,27 @@ impl Client {
     /// The node's status.
     pub async fn status(&mut self) -> Result<StatusResponse, Status> {
         Ok(self.cluster.status(StatusRequest {}).await?.into_inner())
+    }
+}
+
+impl Client {
+    /// Downloads and discards an object, counting bytes: for benchmarks,
+    /// where hashing on the client would measure the client, not the node.
+    pub async fn download_discard(
+        &mut self,
+        request: DownloadRequest,
+    ) -> Result<(ObjectInfo, u64), Status> {
+        let mut stream = self.storage.download(request).await?.into_inner();
+        let mut info = None;
+        let mut bytes = 0u64;
+        while let Some(m) = stream.message().await? {
+            match m.msg {
+                Some(download_response::Msg::Info(i)) => info = Some(i),
+                Some(download_response::Msg::Data(d)) => bytes += d.len() as u64,
+                None => {}
+            }
+        }
+        let info = info.ok_or_else(|| Status::internal("node sent no object info"))?;
+        Ok((info, bytes))
     }
 }

@@ -12,8 +12,7 @@ mod storage;
 use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::{Code, Status};
+use tonic::{Code, Status, transport::server::TcpIncoming};
 
 pub use auth::BearerAuth;
 pub use cluster::{ClusterService, peak_rss_bytes};
@@ -27,6 +26,14 @@ use crate::{
 /// Largest gRPC message the node decodes. An upload's data messages must fit;
 /// clients send far smaller ones (the dfs CLI sends 1 MiB).
 pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
+/// HTTP/2 flow-control window per stream. The 64 KiB protocol default caps a
+/// single upload at a few hundred window updates per second; 2 MiB lets one
+/// stream run at disk speed while bounding what one stream can buffer.
+pub const STREAM_WINDOW_BYTES: u32 = 2 << 20;
+/// HTTP/2 flow-control window per connection (shared by its streams).
+pub const CONNECTION_WINDOW_BYTES: u32 = 4 << 20;
+/// Concurrent streams per client connection; bounds per-connection work.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 
 /// The status code for each kind of node error.
 pub fn node_status(e: NodeError) -> Status {
@@ -49,6 +56,9 @@ pub fn status_error(status: Status) -> NodeError {
     match status.code() {
         Code::InvalidArgument => NodeError::InvalidArgument(msg),
         Code::ResourceExhausted => NodeError::ResourceExhausted(msg),
+        // tonic's decoder reports a message over the size limit as
+        // OUT_OF_RANGE; gRPC's convention for that is RESOURCE_EXHAUSTED.
+        Code::OutOfRange => NodeError::ResourceExhausted(msg),
         Code::Cancelled => NodeError::Cancelled(format!("client cancelled: {msg}")),
         Code::DeadlineExceeded => NodeError::Cancelled(format!("deadline exceeded: {msg}")),
         _ => NodeError::Cancelled(format!("request stream failed: {status}")),
@@ -135,6 +145,10 @@ pub async fn serve(
     });
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .max_frame_size(1 << 20)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -145,10 +159,15 @@ pub async fn serve(
         .add_service(tonic::service::interceptor::InterceptedService::new(
             cluster, auth,
         ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-            let _ = drain_rx.await;
-            let _ = drained_tx.send(());
-        });
+        // Without TCP_NODELAY, HTTP/2 window updates sit behind Nagle's
+        // algorithm for a delayed-ACK period (40 ms) and stall uploads.
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async move {
+                let _ = drain_rx.await;
+                let _ = drained_tx.send(());
+            },
+        );
 
     if let Some(path) = &opts.addr_file {
         write_addr_file(path, &local.to_string())?;
