@@ -1,9 +1,6 @@
 //! The client commands: put, get, ls, stat, rm, status.
 
-use std::{
-    io::IsTerminal,
-    path::{Path, PathBuf},
-};
+use std::{io::IsTerminal, path::PathBuf};
 
 use anyhow::Context;
 use clap::Args;
@@ -310,12 +307,4 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-/// Used by the demo: the path of a file relative to a directory, as a key.
-pub fn key_for(base: &Path, path: &Path) -> String {
-    path.strip_prefix(base)
-        .unwrap_or(path)
-        .to_string_lossy()
-        .replace('\\', "/")
 }
