@@ -169,14 +169,23 @@ impl ChunkStore {
                 return Ok(PutOutcome::AlreadyPresent);
             }
         }
-        if let Some(cap) = self.capacity {
-            let used = self.bytes_stored.load(Ordering::Relaxed);
-            if used + sealed.len() as u64 > cap {
-                return Err(StoreError::DiskFull(format!(
+        // The bytes are counted (reserved) before the write, in one atomic
+        // step with the capacity check, so concurrent writes cannot all pass
+        // the check and overshoot the capacity together.
+        let len = sealed.len() as u64;
+        self.bytes_stored
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                match self.capacity {
+                    Some(cap) if used + len > cap => None,
+                    _ => Some(used + len),
+                }
+            })
+            .map_err(|used| {
+                let cap = self.capacity.unwrap_or(u64::MAX);
+                StoreError::DiskFull(format!(
                     "store capacity of {cap} bytes reached ({used} bytes used)"
-                )));
-            }
-        }
+                ))
+            })?;
         let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
         let tmp_path = self
             .tmp
@@ -184,10 +193,9 @@ impl ChunkStore {
         let result = self.write_atomically(&tmp_path, &path, sealed);
         if result.is_err() {
             let _ = fs::remove_file(&tmp_path);
+            self.bytes_stored.fetch_sub(len, Ordering::Relaxed);
         } else {
             self.chunk_count.fetch_add(1, Ordering::Relaxed);
-            self.bytes_stored
-                .fetch_add(sealed.len() as u64, Ordering::Relaxed);
         }
         result.map(|()| PutOutcome::Stored)
     }

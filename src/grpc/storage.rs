@@ -41,7 +41,11 @@ impl Storage for StorageService {
         request: Request<Streaming<UploadRequest>>,
     ) -> Result<Response<UploadResponse>, Status> {
         let mut stream = request.into_inner();
-        let header = match stream.message().await? {
+        let first = stream
+            .message()
+            .await
+            .map_err(|s| node_status(status_error(s)))?;
+        let header = match first {
             Some(UploadRequest {
                 msg: Some(upload_request::Msg::Header(h)),
             }) => h,

@@ -1,0 +1,555 @@
+//! Shared harness for the integration tests: a real `dfs node` process on a
+//! loopback port, in its own temporary directory, killed (SIGKILL) and
+//! cleaned up when the test ends however it ends.
+//!
+//! Every test binary includes this module and uses part of it.
+#![allow(dead_code)]
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use dfs::proto::{
+    DownloadRequest, ObjectInfo, StatRequest, UploadHeader, UploadRequest,
+    cluster_client::ClusterClient, download_request, download_response, stat_request,
+    storage_client::StorageClient, upload_request,
+};
+use sha1::{Digest, Sha1};
+use tonic::{Code, Status, transport::Channel};
+use tonic_health::pb::health_client::HealthClient;
+
+/// The chunk size every test node runs with: small, so a few hundred KiB
+/// make many chunks.
+pub const CHUNK: usize = 64 * 1024;
+/// How long a node may take to start listening.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Path of the `dfs` binary under test.
+pub fn dfs_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_dfs")
+}
+
+/// One node process and its directory (`<root>/data`, `<root>/addr`,
+/// `<root>/node.log`).
+pub struct TestNode {
+    root: tempfile::TempDir,
+    extra: Vec<String>,
+    child: Option<Child>,
+    addr: Option<String>,
+}
+
+impl TestNode {
+    /// A node that is not started yet: lets a test prepare the data
+    /// directory (or key files) first, then call [`TestNode::launch`].
+    pub fn new(extra: &[&str]) -> Self {
+        let root = tempfile::Builder::new()
+            .prefix("dfs-it-")
+            .tempdir()
+            .expect("create temp dir");
+        Self {
+            root,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+            addr: None,
+        }
+    }
+
+    /// Adds flags for the next launch (e.g. ones naming files in [`TestNode::root`]).
+    pub fn add_args(&mut self, args: &[&str]) {
+        self.extra.extend(args.iter().map(|s| s.to_string()));
+    }
+
+    /// Starts a node with the default test flags plus `extra`.
+    pub async fn start(extra: &[&str]) -> Self {
+        let mut node = Self::new(extra);
+        node.launch().await;
+        node
+    }
+
+    /// The temp directory everything of this node lives in.
+    pub fn root(&self) -> &Path {
+        self.root.path()
+    }
+
+    /// The node's data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.root.path().join("data")
+    }
+
+    /// The `host:port` the node's gRPC server listens on.
+    pub fn addr(&self) -> &str {
+        self.addr.as_deref().expect("node is not running")
+    }
+
+    /// The process id of the running node.
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("node is not running").id() as i32
+    }
+
+    /// Everything the node processes of this test wrote to stderr.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.root.path().join("node.log")).unwrap_or_default()
+    }
+
+    /// Spawns the node (reusing the data directory) on a fresh ephemeral
+    /// port and waits until it has written its address file.
+    pub async fn launch(&mut self) {
+        assert!(self.child.is_none(), "node is already running");
+        let addr_file = self.root.path().join("addr");
+        let _ = fs::remove_file(&addr_file);
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.path().join("node.log"))
+            .expect("open node log");
+        let child = Command::new(dfs_bin())
+            .arg("node")
+            .arg("--data")
+            .arg(self.data_dir())
+            .args(["--grpc-addr", "127.0.0.1:0", "--chunk-size", "64KiB"])
+            .arg("--addr-file")
+            .arg(&addr_file)
+            .args(&self.extra)
+            .env("DFS_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn dfs node");
+        self.child = Some(child);
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Ok(text) = fs::read_to_string(&addr_file)
+                && let Some(line) = text.lines().next()
+                && !line.trim().is_empty()
+            {
+                self.addr = Some(line.trim().to_owned());
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().expect("try_wait") {
+                self.child = None;
+                panic!(
+                    "dfs node exited during start-up with {status}; log:\n{}",
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "dfs node did not write its address file within {START_TIMEOUT:?}; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Kills the node with SIGKILL (no chance to clean up) and reaps it.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill(); // SIGKILL on Unix
+            let _ = child.wait();
+        }
+        self.addr = None;
+    }
+
+    /// Sends SIGTERM and waits (up to `timeout`) for the process to exit.
+    /// Panics if it does not exit in time (after killing it).
+    pub async fn sigterm_within(&mut self, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("node is not running");
+        self.addr = None;
+        // SAFETY: kill(2) with a pid we spawned and have not reaped yet.
+        let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        assert_eq!(rc, 0, "kill(SIGTERM) failed");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "dfs node did not exit within {timeout:?} of SIGTERM; log:\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Graceful stop: SIGTERM, and the node must exit 0 within 10 s.
+    pub async fn sigterm(&mut self) -> ExitStatus {
+        self.sigterm_within(Duration::from_secs(10)).await
+    }
+
+    /// Stops the node gracefully if it runs, then starts it again on the
+    /// same data directory and a new port.
+    pub async fn restart(&mut self) {
+        if self.child.is_some() {
+            let status = self.sigterm().await;
+            assert!(status.success(), "node exited with {status} on SIGTERM");
+        }
+        self.launch().await;
+    }
+
+    /// A gRPC channel to the node.
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr()))
+            .expect("valid uri")
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect("connect to node")
+    }
+
+    /// The raw generated Storage client (no token).
+    pub async fn storage(&self) -> StorageClient<Channel> {
+        StorageClient::new(self.channel().await)
+    }
+
+    /// The raw generated Cluster client (no token).
+    pub async fn cluster(&self) -> ClusterClient<Channel> {
+        ClusterClient::new(self.channel().await)
+    }
+
+    /// The standard health client.
+    pub async fn health(&self) -> HealthClient<Channel> {
+        HealthClient::new(self.channel().await)
+    }
+
+    /// The crate's own client.
+    pub async fn client(&self, token: Option<&str>) -> dfs::client::Client {
+        dfs::client::Client::connect(self.addr(), token.map(str::to_owned))
+            .await
+            .expect("connect dfs client")
+    }
+
+    /// Files under `<data>/chunks/`.
+    pub fn chunk_files(&self) -> Vec<PathBuf> {
+        files_under(&self.data_dir().join("chunks"))
+    }
+
+    /// Files under `<data>/tmp/`.
+    pub fn tmp_files(&self) -> Vec<PathBuf> {
+        files_under(&self.data_dir().join("tmp"))
+    }
+
+    /// Files under `<data>/quarantine/`.
+    pub fn quarantine_files(&self) -> Vec<PathBuf> {
+        files_under(&self.data_dir().join("quarantine"))
+    }
+
+    /// Whether the node answers health checks with SERVING.
+    pub async fn is_serving(&self) -> bool {
+        let mut health = self.health().await;
+        let resp = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await;
+        matches!(resp, Ok(r) if r.get_ref().status
+            == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+    }
+
+    /// Asserts the node still works end to end: health SERVING and a small
+    /// upload and download round trip.
+    pub async fn assert_healthy(&self) {
+        assert!(self.is_serving().await, "health is not SERVING");
+        let mut storage = self.storage().await;
+        let key = format!("health-probe-{}", Instant::now().elapsed().as_nanos());
+        let data = pseudo_random(99, 1000);
+        upload(&mut storage, &key, &data, 333)
+            .await
+            .expect("probe upload");
+        let (_, got) = download(&mut storage, key_request(&key, 0, 0))
+            .await
+            .expect("probe download");
+        assert_eq!(got, data, "probe round trip");
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("---- last lines of the node log ----");
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+/// Every regular file below `dir`, sorted.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Copies a directory tree.
+pub fn copy_dir(from: &Path, to: &Path) {
+    fs::create_dir_all(to).expect("create copy target");
+    for e in fs::read_dir(from).expect("read dir").flatten() {
+        let target = to.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            fs::copy(e.path(), &target).expect("copy file");
+        }
+    }
+}
+
+/// Deterministic test data (splitmix64), different for each seed.
+pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        out.extend_from_slice(&z.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Lowercase hex SHA-1.
+pub fn sha1_hex(data: &[u8]) -> String {
+    hex::encode(Sha1::digest(data))
+}
+
+/// Polls `cond` every 50 ms until it holds or `timeout` passes.
+pub async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A header message.
+pub fn header_msg(key: &str) -> UploadRequest {
+    header_msg_with(UploadHeader {
+        key: key.to_owned(),
+        ..Default::default()
+    })
+}
+
+/// A header message from a full header.
+pub fn header_msg_with(header: UploadHeader) -> UploadRequest {
+    UploadRequest {
+        msg: Some(upload_request::Msg::Header(header)),
+    }
+}
+
+/// A data message.
+pub fn data_msg(bytes: &[u8]) -> UploadRequest {
+    UploadRequest {
+        msg: Some(upload_request::Msg::Data(Bytes::copy_from_slice(bytes))),
+    }
+}
+
+/// A header then `data` cut into messages of `msg_size` bytes.
+pub fn upload_messages(header: UploadHeader, data: &[u8], msg_size: usize) -> Vec<UploadRequest> {
+    let mut msgs = vec![header_msg_with(header)];
+    msgs.extend(data.chunks(msg_size.max(1)).map(data_msg));
+    msgs
+}
+
+/// Sends exactly `msgs` as one Upload call.
+pub async fn upload_raw(
+    storage: &mut StorageClient<Channel>,
+    msgs: Vec<UploadRequest>,
+) -> Result<ObjectInfo, Status> {
+    let resp = storage.upload(tokio_stream::iter(msgs)).await?;
+    resp.into_inner()
+        .object
+        .ok_or_else(|| Status::internal("no object info in the response"))
+}
+
+/// Uploads `data` under `key` in messages of `msg_size` bytes.
+pub async fn upload(
+    storage: &mut StorageClient<Channel>,
+    key: &str,
+    data: &[u8],
+    msg_size: usize,
+) -> Result<ObjectInfo, Status> {
+    let header = UploadHeader {
+        key: key.to_owned(),
+        ..Default::default()
+    };
+    upload_raw(storage, upload_messages(header, data, msg_size)).await
+}
+
+/// A download request by key with a range.
+pub fn key_request(key: &str, offset: u64, length: u64) -> DownloadRequest {
+    DownloadRequest {
+        target: Some(download_request::Target::Key(key.to_owned())),
+        offset,
+        length,
+    }
+}
+
+/// A download request by whole-file SHA-1.
+pub fn sha1_request(sha1: &str) -> DownloadRequest {
+    DownloadRequest {
+        target: Some(download_request::Target::Sha1(sha1.to_owned())),
+        offset: 0,
+        length: 0,
+    }
+}
+
+/// What a download delivered before it ended, and how it ended.
+pub struct Delivered {
+    pub info: Option<ObjectInfo>,
+    pub bytes: Vec<u8>,
+    pub end: Result<(), Status>,
+}
+
+/// Downloads, keeping whatever arrived even if the stream fails midway.
+/// Checks that the first message (and only it) is the object info.
+pub async fn download_partial(
+    storage: &mut StorageClient<Channel>,
+    req: DownloadRequest,
+) -> Delivered {
+    let mut out = Delivered {
+        info: None,
+        bytes: Vec::new(),
+        end: Ok(()),
+    };
+    let mut stream = match storage.download(req).await {
+        Ok(r) => r.into_inner(),
+        Err(s) => {
+            out.end = Err(s);
+            return out;
+        }
+    };
+    loop {
+        match stream.message().await {
+            Ok(Some(m)) => match m.msg {
+                Some(download_response::Msg::Info(info)) => {
+                    assert!(out.info.is_none(), "second info message");
+                    out.info = Some(info);
+                }
+                Some(download_response::Msg::Data(data)) => {
+                    assert!(out.info.is_some(), "data before the info message");
+                    out.bytes.extend_from_slice(&data);
+                }
+                None => panic!("empty download message"),
+            },
+            Ok(None) => return out,
+            Err(s) => {
+                out.end = Err(s);
+                return out;
+            }
+        }
+    }
+}
+
+/// Downloads a whole stream; any failure is the error.
+pub async fn download(
+    storage: &mut StorageClient<Channel>,
+    req: DownloadRequest,
+) -> Result<(ObjectInfo, Vec<u8>), Status> {
+    let d = download_partial(storage, req).await;
+    d.end?;
+    let info = d.info.ok_or_else(|| Status::internal("no info message"))?;
+    Ok((info, d.bytes))
+}
+
+/// Stat by key.
+pub async fn stat_key(
+    storage: &mut StorageClient<Channel>,
+    key: &str,
+) -> Result<ObjectInfo, Status> {
+    storage
+        .stat(StatRequest {
+            target: Some(stat_request::Target::Key(key.to_owned())),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Asserts that `result` failed with `code`.
+#[track_caller]
+pub fn assert_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, what: &str) {
+    match result {
+        Ok(v) => panic!("{what}: expected {code:?}, got OK: {v:?}"),
+        Err(s) => assert_eq!(s.code(), code, "{what}: wrong status: {s:?}"),
+    }
+}
+
+/// The node's chunk count as Cluster.Status reports it.
+pub async fn status_chunk_count(node: &TestNode) -> u64 {
+    node.cluster()
+        .await
+        .status(dfs::proto::StatusRequest {})
+        .await
+        .expect("cluster status")
+        .into_inner()
+        .chunk_count
+}
+
+/// Runs the `dfs` binary with `args` and returns its output.
+pub async fn run_dfs(args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new(dfs_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("run dfs")
+}
+
+/// Writes a fresh cluster key file (64 hex characters) and returns its path.
+pub fn write_key_file(path: &Path, seed: u64) -> PathBuf {
+    let key = hex::encode(pseudo_random(seed, 32));
+    fs::write(path, format!("{key}\n")).expect("write key file");
+    path.to_owned()
+}
+
+/// The chunk ids of `data` cut at [`CHUNK`], under the cluster key in `key_file`.
+pub fn chunk_ids(key_file: &Path, data: &[u8]) -> Vec<dfs::crypto::ChunkId> {
+    let secret = dfs::crypto::ClusterSecret::read_file(key_file).expect("read key file");
+    let keys = dfs::crypto::Keys::derive(&secret);
+    data.chunks(CHUNK).map(|c| keys.chunk_id(c)).collect()
+}
+
+/// Where a node keeps a chunk: `<data>/chunks/ab/cd/<hex>`.
+pub fn chunk_path(data_dir: &Path, id: &dfs::crypto::ChunkId) -> PathBuf {
+    let hex = id.to_hex();
+    data_dir
+        .join("chunks")
+        .join(&hex[0..2])
+        .join(&hex[2..4])
+        .join(hex)
+}

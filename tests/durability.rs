@@ -1,0 +1,255 @@
+//! What survives a restart, a crash and a cancelled upload: acknowledged
+//! objects always; unacknowledged ones never, and never half.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use dfs::proto::{UploadHeader, UploadRequest};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn objects_survive_a_graceful_restart() {
+    let mut node = TestNode::start(&[]).await;
+    let data = pseudo_random(40, 7 * CHUNK + 77);
+    {
+        let mut storage = node.storage().await;
+        upload(&mut storage, "keep", &data, 10_000).await.unwrap();
+        upload(&mut storage, "empty", &[], 1).await.unwrap();
+    }
+    let status = node.sigterm().await;
+    assert!(status.success(), "SIGTERM exit status: {status}");
+    node.launch().await;
+    let mut storage = node.storage().await;
+    let (info, got) = download(&mut storage, key_request("keep", 0, 0))
+        .await
+        .unwrap();
+    assert!(got == data, "bytes differ after restart");
+    assert_eq!(info.sha1, sha1_hex(&data));
+    let (_, got) = download(&mut storage, key_request("empty", 0, 0))
+        .await
+        .unwrap();
+    assert!(got.is_empty());
+    // New writes after the restart are ordered after the old ones.
+    let before = stat_key(&mut storage, "keep")
+        .await
+        .unwrap()
+        .version
+        .unwrap();
+    let after = upload(&mut storage, "keep", b"v2", 1)
+        .await
+        .unwrap()
+        .version
+        .unwrap();
+    assert!(
+        after.hlc > before.hlc,
+        "versions keep growing across restarts"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn acknowledged_objects_survive_kill_9() {
+    let mut node = TestNode::start(&[]).await;
+    let data = pseudo_random(41, 9 * CHUNK + 1);
+    {
+        let mut storage = node.storage().await;
+        upload(&mut storage, "acked", &data, 30_000).await.unwrap();
+        storage
+            .delete(dfs::proto::DeleteRequest {
+                key: "acked".into(),
+            })
+            .await
+            .unwrap();
+        upload(&mut storage, "acked", &data, 30_000).await.unwrap();
+        upload(&mut storage, "deleted", b"bye", 1).await.unwrap();
+        storage
+            .delete(dfs::proto::DeleteRequest {
+                key: "deleted".into(),
+            })
+            .await
+            .unwrap();
+    }
+    node.kill9();
+    node.launch().await;
+    let mut storage = node.storage().await;
+    let (_, got) = download(&mut storage, key_request("acked", 0, 0))
+        .await
+        .unwrap();
+    assert!(got == data, "bytes differ after kill -9");
+    assert_code(
+        stat_key(&mut storage, "deleted").await,
+        Code::NotFound,
+        "an acknowledged delete survives kill -9",
+    );
+    node.assert_healthy().await;
+}
+
+/// Starts an upload that streams `data` in `msg`-byte messages with a pause
+/// between them, so it is still running when the test interferes. Returns
+/// the task running the call.
+fn slow_upload(
+    node: &TestNode,
+    key: &str,
+    data: Vec<u8>,
+    msg: usize,
+    pause: Duration,
+) -> tokio::task::JoinHandle<Result<dfs::proto::ObjectInfo, tonic::Status>> {
+    let addr = node.addr().to_owned();
+    let key = key.to_owned();
+    tokio::spawn(async move {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut storage = dfs::proto::storage_client::StorageClient::new(channel);
+        let (tx, rx) = mpsc::channel::<UploadRequest>(1);
+        tokio::spawn(async move {
+            let header = UploadHeader {
+                key,
+                ..Default::default()
+            };
+            if tx.send(header_msg_with(header)).await.is_err() {
+                return;
+            }
+            for part in data.chunks(msg) {
+                tokio::time::sleep(pause).await;
+                if tx.send(data_msg(part)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        upload_raw_stream(&mut storage, ReceiverStream::new(rx)).await
+    })
+}
+
+async fn upload_raw_stream(
+    storage: &mut dfs::proto::storage_client::StorageClient<tonic::transport::Channel>,
+    stream: ReceiverStream<UploadRequest>,
+) -> Result<dfs::proto::ObjectInfo, tonic::Status> {
+    let resp = storage.upload(stream).await?;
+    Ok(resp.into_inner().object.unwrap_or_default())
+}
+
+/// Runs a slow upload to `key`, kills the node with SIGKILL once some of its
+/// chunks are on disk, checks the client saw a failure, and restarts the node.
+async fn kill_9_during_upload(node: &mut TestNode, key: &str, data: Vec<u8>) {
+    let chunks_before = node.chunk_files().len();
+    let call = slow_upload(node, key, data, 16 * 1024, Duration::from_millis(10));
+    let progressed = wait_until(Duration::from_secs(20), || {
+        node.chunk_files().len() >= chunks_before + 3
+    })
+    .await;
+    assert!(progressed, "the slow upload wrote no chunks");
+    assert!(!call.is_finished(), "the upload finished before the kill");
+    node.kill9();
+    let result = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("the client notices the dead node")
+        .expect("upload task");
+    assert!(result.is_err(), "an upload to a killed node cannot succeed");
+    node.launch().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_mid_upload_leaves_no_object() {
+    let mut node = TestNode::start(&[]).await;
+    let big = pseudo_random(50, 40 * CHUNK);
+    kill_9_during_upload(&mut node, "partial", big).await;
+    let mut storage = node.storage().await;
+    assert_code(
+        stat_key(&mut storage, "partial").await,
+        Code::NotFound,
+        "an interrupted upload leaves no object",
+    );
+    assert!(
+        node.tmp_files().is_empty(),
+        "tmp/ after restart: {:?}",
+        node.tmp_files()
+    );
+    let listed = storage
+        .list(dfs::proto::ListRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.objects.is_empty());
+    // The data directory still takes new uploads, including the same key.
+    let fresh = pseudo_random(51, 3 * CHUNK + 9);
+    upload(&mut storage, "partial", &fresh, CHUNK)
+        .await
+        .unwrap();
+    let (_, got) = download(&mut storage, key_request("partial", 0, 0))
+        .await
+        .unwrap();
+    assert!(got == fresh);
+    node.assert_healthy().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_mid_overwrite_keeps_the_previous_version() {
+    let mut node = TestNode::start(&[]).await;
+    let old = pseudo_random(60, 4 * CHUNK + 100);
+    {
+        let mut storage = node.storage().await;
+        upload(&mut storage, "doc", &old, CHUNK).await.unwrap();
+    }
+    let new = pseudo_random(61, 40 * CHUNK);
+    kill_9_during_upload(&mut node, "doc", new).await;
+    let mut storage = node.storage().await;
+    let (info, got) = download(&mut storage, key_request("doc", 0, 0))
+        .await
+        .unwrap();
+    assert!(
+        got == old,
+        "the old version is intact after a crashed overwrite"
+    );
+    assert_eq!(info.sha1, sha1_hex(&old));
+    assert!(
+        node.tmp_files().is_empty(),
+        "tmp/ after restart: {:?}",
+        node.tmp_files()
+    );
+    upload(&mut storage, "doc2", b"works", 2).await.unwrap();
+    node.assert_healthy().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancelled_upload_leaves_no_object_and_empty_tmp() {
+    let node = TestNode::start(&[]).await;
+    let chunks_before = node.chunk_files().len();
+    let call = slow_upload(
+        &node,
+        "cancelled",
+        pseudo_random(70, 40 * CHUNK),
+        16 * 1024,
+        Duration::from_millis(10),
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || node.chunk_files().len()
+            >= chunks_before + 2)
+        .await,
+        "the upload wrote no chunks"
+    );
+    // Dropping the call's future cancels the gRPC call (RST_STREAM).
+    call.abort();
+    let _ = call.await;
+    let mut storage = node.storage().await;
+    // Let the node notice the cancellation and unwind the pipeline.
+    assert!(
+        wait_until(Duration::from_secs(10), || node.tmp_files().is_empty()).await,
+        "tmp/ still holds {:?}",
+        node.tmp_files()
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_code(
+        stat_key(&mut storage, "cancelled").await,
+        Code::NotFound,
+        "a cancelled upload leaves no object",
+    );
+    assert!(node.tmp_files().is_empty());
+    assert!(!node.log().contains("stored object key=cancelled"));
+    node.assert_healthy().await;
+}
