@@ -190,17 +190,36 @@ impl ChunkStore {
         let tmp_path = self
             .tmp
             .join(format!("{}.{}.{seq}", id.to_hex(), std::process::id()));
-        let result = self.write_atomically(&tmp_path, &path, sealed);
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp_path);
-            self.bytes_stored.fetch_sub(len, Ordering::Relaxed);
-        } else {
-            self.chunk_count.fetch_add(1, Ordering::Relaxed);
-        }
-        result.map(|()| PutOutcome::Stored)
+        let result = self.write_atomically(id, &tmp_path, &path, sealed);
+        match result {
+            Ok(true) => self.chunk_count.fetch_add(1, Ordering::Relaxed),
+            Ok(false) => self.bytes_stored.fetch_sub(len, Ordering::Relaxed),
+            Err(_) => {
+                let _ = fs::remove_file(&tmp_path);
+                self.bytes_stored.fetch_sub(len, Ordering::Relaxed)
+            }
+        };
+        result.map(|stored| {
+            if stored {
+                PutOutcome::Stored
+            } else {
+                PutOutcome::AlreadyPresent
+            }
+        })
     }
 
-    fn write_atomically(&self, tmp: &Path, dest: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    /// Writes `bytes` to `tmp`, fsyncs, and renames it to `dest`. Returns
+    /// `false` (and drops the temporary file) when a concurrent put of the
+    /// same id got there first: the check and the rename happen under the
+    /// id's stripe lock, so a chunk is counted once however many uploads
+    /// write it at the same moment.
+    fn write_atomically(
+        &self,
+        id: &ChunkId,
+        tmp: &Path,
+        dest: &Path,
+        bytes: &[u8],
+    ) -> Result<bool, StoreError> {
         let mut file = File::options()
             .write(true)
             .create_new(true)
@@ -223,8 +242,22 @@ impl ChunkStore {
         }
         failpoint::hit(failpoint::Stage::BeforeRename)
             .map_err(|e| StoreError::io("rename", tmp, e))?;
-        fs::rename(tmp, dest).map_err(|e| StoreError::io("rename", tmp, e))?;
-        sync_dir(shard)
+        let stored = {
+            let _guard = self.stripe(id);
+            if let Ok(file) = File::options().write(true).open(dest) {
+                file.set_modified(SystemTime::now())
+                    .map_err(|e| StoreError::io("touch", dest, e))?;
+                let _ = fs::remove_file(tmp);
+                false
+            } else {
+                fs::rename(tmp, dest).map_err(|e| StoreError::io("rename", tmp, e))?;
+                true
+            }
+        };
+        // Also when another put won: its directory fsync may not have
+        // happened yet, and this put must not return before it is durable.
+        sync_dir(shard)?;
+        Ok(stored)
     }
 
     /// Reads a sealed chunk. Files larger than `max_len` are reported corrupt

@@ -262,3 +262,47 @@ async fn gc_does_not_touch_chunks_of_an_upload_in_progress() {
         "an object uploaded slower than the gc grace is whole"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_identical_uploads_store_each_chunk_once() {
+    let node = TestNode::start(&[]).await;
+    let data = std::sync::Arc::new(pseudo_random(320, 24 * CHUNK));
+    let mut calls = Vec::new();
+    for i in 0..4 {
+        let channel = node.channel().await;
+        let data = data.clone();
+        calls.push(tokio::spawn(async move {
+            let mut storage = dfs::proto::storage_client::StorageClient::new(channel);
+            upload(&mut storage, &format!("same/{i}"), &data, CHUNK).await
+        }));
+    }
+    for call in calls {
+        let info = call.await.unwrap().expect("concurrent upload");
+        assert_eq!(info.sha1, sha1_hex(&data));
+    }
+    assert_eq!(node.chunk_files().len(), 24);
+    let status = node
+        .cluster()
+        .await
+        .status(StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.chunk_count, 24, "chunk count after concurrent dedup");
+    let on_disk: u64 = node
+        .chunk_files()
+        .iter()
+        .map(|f| std::fs::metadata(f).unwrap().len())
+        .sum();
+    assert_eq!(
+        status.bytes_stored, on_disk,
+        "bytes_stored after concurrent dedup"
+    );
+    let mut storage = node.storage().await;
+    for i in 0..4 {
+        let (_, got) = download(&mut storage, key_request(&format!("same/{i}"), 0, 0))
+            .await
+            .unwrap();
+        assert!(got == *data);
+    }
+}
