@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/dfs/v1/storage.proto",
         "proto/dfs/v1/cluster.proto",
         "proto/dfs/v1/record.proto",
+        "proto/dfs/v1/peer.proto",
     ];
     let fds = protox::compile(files, ["proto"])?;
 
