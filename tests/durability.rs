@@ -253,3 +253,100 @@ async fn cancelled_upload_leaves_no_object_and_empty_tmp() {
     assert!(!node.log().contains("stored object key=cancelled"));
     node.assert_healthy().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chunks_orphaned_by_a_crash_are_collected_after_restart() {
+    let mut node = TestNode::start(&["--gc-grace", "1s", "--gc-interval", "500ms"]).await;
+    let keep = pseudo_random(80, 3 * CHUNK);
+    {
+        let mut storage = node.storage().await;
+        upload(&mut storage, "keep", &keep, CHUNK).await.unwrap();
+    }
+    let committed = node.chunk_files();
+    assert_eq!(committed.len(), 3);
+    kill_9_during_upload(&mut node, "lost", pseudo_random(81, 40 * CHUNK)).await;
+    assert!(
+        node.chunk_files().len() > 3,
+        "the crashed upload left chunks"
+    );
+    assert!(
+        wait_until(Duration::from_secs(8), || node.chunk_files() == committed).await,
+        "orphaned chunks were not collected: {} files",
+        node.chunk_files().len()
+    );
+    assert_eq!(status_chunk_count(&node).await, 3);
+    let mut storage = node.storage().await;
+    let (_, got) = download(&mut storage, key_request("keep", 0, 0))
+        .await
+        .unwrap();
+    assert!(got == keep);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn objects_keep_their_chunk_size_when_the_node_changes_it() {
+    let mut node = TestNode::start(&[]).await;
+    let data = pseudo_random(90, 5 * CHUNK + 7);
+    {
+        let mut storage = node.storage().await;
+        upload(&mut storage, "small-chunks", &data, 50_000)
+            .await
+            .unwrap();
+    }
+    assert!(node.sigterm().await.success());
+    node.set_args(&["--chunk-size", "128KiB"]);
+    node.launch().await;
+    let mut storage = node.storage().await;
+    let (info, got) = download(&mut storage, key_request("small-chunks", 0, 0))
+        .await
+        .unwrap();
+    assert!(got == data);
+    assert_eq!(info.chunk_size as usize, CHUNK);
+    assert_eq!(info.chunk_count, 6);
+    let (_, mid) = download(
+        &mut storage,
+        key_request("small-chunks", CHUNK as u64 - 3, CHUNK as u64 + 6),
+    )
+    .await
+    .unwrap();
+    assert!(mid == data[CHUNK - 3..2 * CHUNK + 3]);
+    let info = upload(&mut storage, "big-chunks", &data, 50_000)
+        .await
+        .unwrap();
+    assert_eq!(info.chunk_size, 128 * 1024);
+    assert_eq!(info.chunk_count, 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_lets_an_in_flight_upload_finish() {
+    let mut node = TestNode::start(&[]).await;
+    let data = pseudo_random(95, 12 * CHUNK);
+    let chunks_before = node.chunk_files().len();
+    // About 1.5 s of upload.
+    let call = slow_upload(
+        &node,
+        "inflight",
+        data.clone(),
+        16 * 1024,
+        Duration::from_millis(30),
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || node.chunk_files().len()
+            > chunks_before)
+        .await,
+        "the upload wrote no chunks"
+    );
+    let status = node.sigterm().await;
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+    let result = call.await.unwrap();
+    let info = result.expect("an upload in flight at SIGTERM completes");
+    assert_eq!(info.sha1, sha1_hex(&data));
+    node.launch().await;
+    let mut storage = node.storage().await;
+    let (_, got) = download(&mut storage, key_request("inflight", 0, 0))
+        .await
+        .unwrap();
+    assert!(
+        got == data,
+        "the acknowledged upload is whole after restart"
+    );
+}

@@ -94,6 +94,12 @@ async fn corrupt_chunk_is_detected(how: Damage) {
     let name = quarantined[0].file_name().unwrap().to_str().unwrap();
     assert!(name.starts_with(&ids[bad_index].to_hex()), "{name}");
 
+    assert_eq!(
+        status_chunk_count(&node).await as usize,
+        node.chunk_files().len(),
+        "{how:?}: Cluster.Status counts the quarantined chunk as gone"
+    );
+
     // A range that avoids the damaged chunk still reads; one that needs it fails.
     let (_, head) = download(&mut storage, key_request("victim", 0, 2 * CHUNK as u64))
         .await
@@ -247,4 +253,51 @@ async fn node_without_a_key_file_creates_and_keeps_one() {
         .await
         .unwrap();
     assert!(got == data);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restart_that_forgets_the_key_file_does_not_mint_a_new_key() {
+    // A node first started with --cluster-key-file, restarted without it,
+    // must not create a fresh key in its data dir: that key cannot read a
+    // single existing chunk, and every read would quarantine one.
+    let mut node = TestNode::new(&[]);
+    let key_file = write_key_file(&node.root().join("k"), 20);
+    node.set_args(&["--cluster-key-file", key_file.to_str().unwrap()]);
+    node.launch().await;
+    let data = pseudo_random(140, 2 * CHUNK);
+    {
+        let mut storage = node.storage().await;
+        upload(&mut storage, "k", &data, CHUNK).await.unwrap();
+    }
+    assert!(node.sigterm().await.success());
+
+    node.set_args(&[]);
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        run_dfs(&[
+            "node",
+            "--data",
+            node.data_dir().to_str().unwrap(),
+            "--grpc-addr",
+            "127.0.0.1:0",
+        ]),
+    )
+    .await
+    .expect("the node refuses to start rather than serving");
+    assert!(!out.status.success(), "the node started without its key");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cluster"), "unclear refusal: {err}");
+    assert!(
+        !node.data_dir().join("cluster.key").exists(),
+        "a new key was minted"
+    );
+
+    node.set_args(&["--cluster-key-file", key_file.to_str().unwrap()]);
+    node.launch().await;
+    let mut storage = node.storage().await;
+    let (_, got) = download(&mut storage, key_request("k", 0, 0))
+        .await
+        .unwrap();
+    assert!(got == data);
+    assert!(node.quarantine_files().is_empty());
 }

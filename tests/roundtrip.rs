@@ -138,6 +138,17 @@ async fn range_reads_return_exactly_the_requested_bytes() {
             want.len()
         );
     }
+    // The empty object: only the empty range exists.
+    upload(&mut storage, "empty", &[], 1).await.unwrap();
+    let (_, got) = download(&mut storage, key_request("empty", 0, 0))
+        .await
+        .unwrap();
+    assert!(got.is_empty());
+    assert_code(
+        download(&mut storage, key_request("empty", 0, 1)).await,
+        Code::OutOfRange,
+        "one byte of the empty object",
+    );
     for (offset, length) in [(s + 1, 0), (s, 1), (s - 1, 2), (0, s + 1), (1, u64::MAX)] {
         let r = download(&mut storage, key_request("r", offset, length)).await;
         assert_code(r, Code::OutOfRange, &format!("range {offset}+{length}"));
@@ -368,4 +379,12 @@ async fn overwrite_replaces_the_object_last_writer_wins() {
         .unwrap()
         .into_inner();
     assert_eq!(list.objects.len(), 1, "one key, one listing entry");
+    let status = node
+        .cluster()
+        .await
+        .status(dfs::proto::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.object_count, 1, "an overwrite is still one object");
 }

@@ -322,6 +322,17 @@ fn load_or_create_secret(cfg: &NodeConfig) -> Result<ClusterSecret, NodeError> {
     if path.exists() {
         return ClusterSecret::read_file(&path).map_err(bad);
     }
+    // A data dir that already holds an index was written under some key. A
+    // new key could read none of its chunks (and every read would move one
+    // to quarantine), so a missing key there is an error, not a first start.
+    if cfg.data_dir.join("index.redb").exists() {
+        return Err(NodeError::InvalidArgument(format!(
+            "data directory {} already holds data but no cluster key: pass the \
+             --cluster-key-file it was written with (or restore {})",
+            cfg.data_dir.display(),
+            path.display()
+        )));
+    }
     let secret = ClusterSecret::generate();
     secret.write_new_file(&path).map_err(bad)?;
     tracing::warn!(

@@ -63,7 +63,13 @@ impl TestNode {
         self.extra.extend(args.iter().map(|s| s.to_string()));
     }
 
-    /// Starts a node with the default test flags plus `extra`.
+    /// Replaces the extra flags for the next launch.
+    pub fn set_args(&mut self, args: &[&str]) {
+        self.extra = args.iter().map(|s| s.to_string()).collect();
+    }
+
+    /// Starts a node with the default test flags plus `extra`
+    /// (`--chunk-size 64KiB` unless `extra` sets a chunk size).
     pub async fn start(extra: &[&str]) -> Self {
         let mut node = Self::new(extra);
         node.launch().await;
@@ -106,11 +112,17 @@ impl TestNode {
             .append(true)
             .open(self.root.path().join("node.log"))
             .expect("open node log");
+        let chunk_size_default: &[&str] = if self.extra.iter().any(|a| a == "--chunk-size") {
+            &[]
+        } else {
+            &["--chunk-size", "64KiB"]
+        };
         let child = Command::new(dfs_bin())
             .arg("node")
             .arg("--data")
             .arg(self.data_dir())
-            .args(["--grpc-addr", "127.0.0.1:0", "--chunk-size", "64KiB"])
+            .args(["--grpc-addr", "127.0.0.1:0"])
+            .args(chunk_size_default)
             .arg("--addr-file")
             .arg(&addr_file)
             .args(&self.extra)
@@ -525,6 +537,9 @@ pub async fn run_dfs(args: &[&str]) -> std::process::Output {
     tokio::process::Command::new(dfs_bin())
         .args(args)
         .stdin(Stdio::null())
+        // A test that gives up on the command (a timeout) must not leave
+        // the process behind.
+        .kill_on_drop(true)
         .output()
         .await
         .expect("run dfs")
