@@ -197,6 +197,21 @@ async fn objects_are_found_by_sha1_for_download_and_stat() {
     assert!(by_key.version.is_some());
     assert!(by_key.created_unix_ms > 0);
 
+    // Two keys with the same content: deleting one keeps the content
+    // reachable by sha1 through the other.
+    upload(&mut storage, "by-sha-twin", &data, CHUNK)
+        .await
+        .unwrap();
+    storage
+        .delete(DeleteRequest {
+            key: "by-sha".into(),
+        })
+        .await
+        .unwrap();
+    let (twin_info, got) = download(&mut storage, sha1_request(&sha)).await.unwrap();
+    assert_eq!(twin_info.key, "by-sha-twin");
+    assert!(got == data);
+
     // Unknown sha1 and unknown key.
     let unknown = sha1_hex(b"never stored");
     assert_code(

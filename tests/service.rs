@@ -306,3 +306,30 @@ async fn concurrent_identical_uploads_store_each_chunk_once() {
         assert!(got == *data);
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reflection_lists_the_services_without_a_token() {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let node = node_with_token().await;
+    let mut reflection = ServerReflectionClient::new(node.channel().await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .expect("reflection needs no token")
+        .into_inner();
+    let response = responses.message().await.unwrap().expect("a response");
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection response: {response:?}");
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    for wanted in ["dfs.v1.Storage", "dfs.v1.Cluster", "grpc.health.v1.Health"] {
+        assert!(names.contains(&wanted), "{wanted} missing from {names:?}");
+    }
+}
