@@ -1,0 +1,449 @@
+//! Property tests: hostile bytes fed to the frame decoder, the message layer
+//! and the accepting side of the handshake, over in-memory streams. Every
+//! outcome must be a value or a typed protocol error (never a panic, never
+//! an I/O error on an in-memory stream), and no read may allocate more than
+//! `HEADER_LEN + cap` of the frame kind its header announced.
+
+// Wrapped in a module so that `cargo test p2p` selects these tests by name.
+mod p2p_fuzz {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use dfs::crypto::{ClusterSecret, Keys};
+    use dfs::p2p::frame::{END_LEN, HEADER_LEN, MAX_DATA_LEN, MAX_ERROR_LEN, MAX_MESSAGE_LEN};
+    use dfs::p2p::{
+        Connection, Frame, FrameKind, HandshakeError, Identity, Incoming, P2pError, handshake,
+    };
+    use dfs::proto::{Auth, Hello, Member, PeerMessage, Ping, PutChunk, peer_message::Kind};
+    use proptest::prelude::*;
+    use tokio::io::{Join, Sink};
+
+    type MemConnection<'a> = Connection<Join<&'a [u8], Sink>>;
+
+    /// A connection that reads `input` and discards what it writes.
+    fn reading(input: &[u8]) -> MemConnection<'_> {
+        Connection::new(tokio::io::join(input, tokio::io::sink()))
+    }
+
+    fn block_on<F: Future>(fut: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+            .block_on(fut)
+    }
+
+    /// The largest cap of any kind: the bound for input of unknown shape.
+    const MAX_ALLOC: usize = HEADER_LEN + MAX_MESSAGE_LEN;
+
+    fn assert_typed(e: &P2pError) {
+        assert!(
+            !matches!(e, P2pError::Io(_) | P2pError::Timeout(_)),
+            "an in-memory stream gave {e:?}"
+        );
+    }
+
+    /// Reads frames until the end or the first error.
+    fn read_all_frames(input: &[u8]) -> (Vec<Frame>, Option<P2pError>, usize) {
+        block_on(async {
+            let mut conn = reading(input);
+            let mut frames = Vec::new();
+            loop {
+                match conn.read_frame().await {
+                    Ok(Some(frame)) => frames.push(frame),
+                    Ok(None) => return (frames, None, conn.peak_read_alloc()),
+                    Err(e) => return (frames, Some(e), conn.peak_read_alloc()),
+                }
+            }
+        })
+    }
+
+    /// Reads messages until the end or the first error.
+    fn read_all_messages(input: &[u8], max_body: usize) -> (Vec<Incoming>, Option<P2pError>) {
+        block_on(async {
+            let mut conn = reading(input);
+            let mut messages = Vec::new();
+            let end = loop {
+                match conn.read_message(max_body).await {
+                    Ok(Some(m)) => messages.push(m),
+                    Ok(None) => break None,
+                    Err(e) => break Some(e),
+                }
+            };
+            assert!(conn.peak_read_alloc() <= MAX_ALLOC);
+            (messages, end)
+        })
+    }
+
+    fn frame_bytes(frames: &[Frame]) -> Vec<u8> {
+        frames
+            .iter()
+            .flat_map(|f| f.to_bytes().unwrap().to_vec())
+            .collect()
+    }
+
+    /// A request as a sender would put it on the wire: MESSAGE, and when
+    /// there is a body, DATA frames cut at `cuts` and an END.
+    #[derive(Debug, Clone)]
+    struct Wire {
+        msg: PeerMessage,
+        body: Option<Vec<u8>>,
+        frames: Vec<Frame>,
+    }
+
+    fn arb_wire() -> impl Strategy<Value = Wire> {
+        let ping = proptest::collection::vec(("[a-z0-9]{1,12}", "[0-9.:]{1,21}"), 0..4).prop_map(
+            |members| {
+                let members = members
+                    .into_iter()
+                    .map(|(node_id, addr)| Member { node_id, addr })
+                    .collect();
+                (
+                    Kind::Ping(Ping {
+                        members,
+                        chunk_count: 3,
+                        bytes_stored: 1 << 40,
+                    }),
+                    None,
+                )
+            },
+        );
+        let put = (
+            proptest::collection::vec(any::<u8>(), 1..3000),
+            proptest::collection::vec(1usize..1000, 0..5),
+        )
+            .prop_map(|(body, cuts)| {
+                (
+                    Kind::PutChunk(PutChunk {
+                        chunk_id: Bytes::from_static(&[7; 20]),
+                    }),
+                    Some((body, cuts)),
+                )
+            });
+        prop_oneof![ping, put].prop_map(|(kind, body)| {
+            let msg = PeerMessage {
+                has_body: body.is_some(),
+                kind: Some(kind),
+            };
+            let mut frames = vec![Frame::message(&msg).unwrap()];
+            let body = body.map(|(body, cuts)| {
+                let mut at = 0usize;
+                for cut in cuts.into_iter().chain([usize::MAX]) {
+                    let end = at.saturating_add(cut).min(body.len());
+                    if end > at {
+                        frames.push(Frame::Data(Bytes::copy_from_slice(&body[at..end])));
+                    }
+                    at = end;
+                }
+                frames.push(Frame::end_of(&body));
+                body
+            });
+            Wire { msg, body, frames }
+        })
+    }
+
+    fn arb_stream() -> impl Strategy<Value = Vec<Wire>> {
+        proptest::collection::vec(arb_wire(), 1..5)
+    }
+
+    fn cap_of(kind: u8) -> usize {
+        FrameKind::from_byte(kind).map_or(0, FrameKind::cap)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn random_bytes_give_frames_or_a_typed_error(
+            input in proptest::collection::vec(any::<u8>(), 0..2048)
+        ) {
+            let (_, err, peak) = read_all_frames(&input);
+            if let Some(e) = &err {
+                assert_typed(e);
+            }
+            prop_assert!(peak <= MAX_ALLOC);
+        }
+
+        #[test]
+        fn a_header_allocates_nothing_beyond_its_kinds_cap(
+            kind in 0u8..7,
+            len in prop_oneof![any::<u32>(), 0u32..20, Just(MAX_DATA_LEN as u32 + 1),
+                               Just(MAX_MESSAGE_LEN as u32 + 1), Just(MAX_ERROR_LEN as u32 + 1)],
+            tail in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let mut input = vec![kind];
+            input.extend_from_slice(&len.to_be_bytes());
+            input.extend_from_slice(&tail);
+            let (frames, err, peak) = read_all_frames(&input);
+            let len = len as usize;
+            let header_ok = FrameKind::from_byte(kind).is_some()
+                && len <= cap_of(kind)
+                && !(kind == 2 && len == 0)
+                && (kind != 3 || len == END_LEN);
+            if header_ok {
+                // Exactly the announced payload, never more.
+                prop_assert!(peak <= HEADER_LEN + len);
+                prop_assert!(peak <= HEADER_LEN + cap_of(kind));
+            } else {
+                // Refused from the header alone: nothing allocated at all.
+                prop_assert_eq!(peak, 0);
+                prop_assert!(frames.is_empty());
+                prop_assert!(err.is_some());
+            }
+            if let Some(e) = &err {
+                assert_typed(e);
+            }
+        }
+
+        #[test]
+        fn valid_streams_decode_to_what_was_sent(wires in arb_stream()) {
+            let input: Vec<u8> = wires.iter().flat_map(|w| frame_bytes(&w.frames)).collect();
+            let (messages, err) = read_all_messages(&input, 1 << 20);
+            prop_assert!(err.is_none(), "{:?}", err);
+            prop_assert_eq!(messages.len(), wires.len());
+            for (got, sent) in messages.iter().zip(&wires) {
+                prop_assert_eq!(&got.msg, &sent.msg);
+                prop_assert_eq!(got.body.as_deref(), sent.body.as_deref());
+            }
+        }
+
+        #[test]
+        fn truncated_streams_end_in_truncated_or_at_a_message_boundary(
+            wires in arb_stream(),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let input: Vec<u8> = wires.iter().flat_map(|w| frame_bytes(&w.frames)).collect();
+            let cut = cut.index(input.len());
+            let mut boundaries = vec![0];
+            for w in &wires {
+                boundaries.push(boundaries.last().unwrap() + frame_bytes(&w.frames).len());
+            }
+            let (messages, err) = read_all_messages(&input[..cut], 1 << 20);
+            let whole = boundaries.iter().filter(|&&b| b > 0 && b <= cut).count();
+            prop_assert_eq!(messages.len(), whole);
+            if boundaries.contains(&cut) {
+                prop_assert!(err.is_none());
+            } else {
+                prop_assert!(matches!(err, Some(P2pError::Truncated(_))), "{:?}", err);
+            }
+        }
+
+        #[test]
+        fn mutated_streams_never_panic_and_stay_typed(
+            wires in arb_stream(),
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), 1u8..=255), 1..6),
+        ) {
+            let mut input: Vec<u8> = wires.iter().flat_map(|w| frame_bytes(&w.frames)).collect();
+            for (at, xor) in &flips {
+                let at = at.index(input.len());
+                input[at] ^= xor;
+            }
+            let (_, err) = read_all_messages(&input, 1 << 20);
+            if let Some(e) = &err {
+                assert_typed(e);
+            }
+        }
+
+        #[test]
+        fn one_corrupt_body_byte_is_caught_by_the_end_frame(
+            body in proptest::collection::vec(any::<u8>(), 1..4000),
+            at in any::<prop::sample::Index>(),
+            xor in 1u8..=255,
+        ) {
+            let msg = PeerMessage { has_body: true, kind: Some(Kind::PutChunk(PutChunk::default())) };
+            let end = Frame::end_of(&body);
+            let mut corrupt = body.clone();
+            corrupt[at.index(body.len())] ^= xor;
+            let input = frame_bytes(&[Frame::message(&msg).unwrap(), Frame::Data(corrupt.into()), end]);
+            let (messages, err) = read_all_messages(&input, 1 << 20);
+            prop_assert!(messages.is_empty());
+            prop_assert!(matches!(err, Some(P2pError::BodyMismatch { .. })), "{:?}", err);
+        }
+
+        #[test]
+        fn end_frames_with_wrong_fields_are_rejected(
+            body in proptest::collection::vec(any::<u8>(), 1..4000),
+            len_delta in any::<u64>(),
+            crc_xor in any::<u32>(),
+        ) {
+            prop_assume!(len_delta != 0 || crc_xor != 0);
+            let msg = PeerMessage { has_body: true, kind: Some(Kind::PutChunk(PutChunk::default())) };
+            let end = Frame::End {
+                body_len: (body.len() as u64).wrapping_add(len_delta),
+                crc32: crc32fast::hash(&body) ^ crc_xor,
+            };
+            let input = frame_bytes(&[Frame::message(&msg).unwrap(), Frame::Data(body.into()), end]);
+            let (_, err) = read_all_messages(&input, 1 << 20);
+            prop_assert!(matches!(err, Some(P2pError::BodyMismatch { .. })), "{:?}", err);
+        }
+
+        #[test]
+        fn bodies_over_the_limit_are_refused(
+            sizes in proptest::collection::vec(1usize..600, 1..8),
+            max_body in 1usize..2000,
+        ) {
+            let total: usize = sizes.iter().sum();
+            let body: Vec<u8> = (0..total).map(|i| i as u8).collect();
+            let msg = PeerMessage { has_body: true, kind: Some(Kind::PutChunk(PutChunk::default())) };
+            let mut frames = vec![Frame::message(&msg).unwrap()];
+            let mut at = 0;
+            for size in sizes {
+                frames.push(Frame::Data(Bytes::copy_from_slice(&body[at..at + size])));
+                at += size;
+            }
+            frames.push(Frame::end_of(&body));
+            let (messages, err) = read_all_messages(&frame_bytes(&frames), max_body);
+            if total <= max_body {
+                prop_assert_eq!(messages.len(), 1);
+                prop_assert!(err.is_none());
+            } else {
+                prop_assert!(matches!(err, Some(P2pError::BodyTooLarge { .. })), "{:?}", err);
+            }
+        }
+    }
+
+    // The accepting side of the handshake, fed by an attacker who does not
+    // hold the secret.
+
+    fn keys() -> Keys {
+        Keys::derive(&ClusterSecret::generate())
+    }
+
+    fn remote() -> SocketAddr {
+        "192.0.2.1:7000".parse().unwrap()
+    }
+
+    /// Runs the acceptor against `input`; returns its result and peak.
+    fn accept(input: &[u8], keys: &Keys) -> (Result<(), P2pError>, usize) {
+        block_on(async {
+            let mut conn = reading(input);
+            let me = Identity {
+                node_id: "acceptor".into(),
+                advertised_addr: "127.0.0.1:7000".into(),
+            };
+            let result =
+                handshake::accept(&mut conn, &me, keys, Duration::from_secs(1), remote()).await;
+            (result.map(|_| ()), conn.peak_read_alloc())
+        })
+    }
+
+    #[derive(Debug, Clone)]
+    struct HelloFields {
+        magic: String,
+        version: u32,
+        node_id: String,
+        nonce_len: usize,
+        has_body: bool,
+    }
+
+    fn arb_hello() -> impl Strategy<Value = HelloFields> {
+        (
+            prop_oneof![3 => Just("dfs-peer".to_owned()), 1 => "[ -~]{0,12}"],
+            prop_oneof![3 => Just(1u32), 1 => any::<u32>()],
+            prop_oneof![3 => "[a-z0-9]{1,16}", 1 => Just("acceptor".to_owned()), 1 => Just(String::new())],
+            prop_oneof![3 => Just(32usize), 1 => 0usize..64],
+            prop_oneof![3 => Just(false), 1 => Just(true)],
+        )
+            .prop_map(|(magic, version, node_id, nonce_len, has_body)| HelloFields {
+                magic,
+                version,
+                node_id,
+                nonce_len,
+                has_body,
+            })
+    }
+
+    fn hello_then_auth(h: &HelloFields, tag: &[u8]) -> Vec<u8> {
+        let hello = PeerMessage {
+            has_body: h.has_body,
+            kind: Some(Kind::Hello(Hello {
+                magic: h.magic.clone(),
+                version: h.version,
+                node_id: h.node_id.clone(),
+                advertised_addr: "10.0.0.9:7000".into(),
+                nonce: vec![5; h.nonce_len].into(),
+            })),
+        };
+        let auth = PeerMessage {
+            has_body: false,
+            kind: Some(Kind::Auth(Auth {
+                tag: Bytes::copy_from_slice(tag),
+            })),
+        };
+        frame_bytes(&[
+            Frame::message(&hello).unwrap(),
+            Frame::message(&auth).unwrap(),
+        ])
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn the_acceptor_refuses_random_bytes(
+            input in proptest::collection::vec(any::<u8>(), 0..1024)
+        ) {
+            let (result, peak) = accept(&input, &keys());
+            let err = result.expect_err("random bytes never authenticate");
+            assert_typed(&err);
+            prop_assert!(peak <= MAX_ALLOC);
+        }
+
+        #[test]
+        fn the_acceptor_checks_every_hello_field_in_order(
+            h in arb_hello(),
+            tag in proptest::collection::vec(any::<u8>(), 0..40),
+        ) {
+            let (result, _) = accept(&hello_then_auth(&h, &tag), &keys());
+            let err = result.expect_err("a random tag never authenticates");
+            let expected = if h.has_body {
+                "unexpected"
+            } else if h.magic != "dfs-peer" {
+                "magic"
+            } else if h.version != 1 {
+                "version"
+            } else if h.nonce_len != 32 || h.node_id.is_empty() {
+                "unexpected"
+            } else if h.node_id == "acceptor" {
+                "self"
+            } else {
+                "auth"
+            };
+            let got = match &err {
+                P2pError::Handshake(HandshakeError::Unexpected(_)) => "unexpected",
+                P2pError::Handshake(HandshakeError::WrongMagic(_)) => "magic",
+                P2pError::Handshake(HandshakeError::VersionMismatch { .. }) => "version",
+                P2pError::Handshake(HandshakeError::SelfConnection(_)) => "self",
+                P2pError::Handshake(HandshakeError::AuthFailed) => "auth",
+                other => panic!("untyped outcome {other:?}"),
+            };
+            prop_assert_eq!(got, expected, "{:?}", err);
+        }
+
+        #[test]
+        fn the_acceptor_survives_mutated_handshakes(
+            tag in proptest::collection::vec(any::<u8>(), 32),
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), 1u8..=255), 0..6),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let good = HelloFields {
+                magic: "dfs-peer".into(),
+                version: 1,
+                node_id: "dialer".into(),
+                nonce_len: 32,
+                has_body: false,
+            };
+            let mut input = hello_then_auth(&good, &tag);
+            for (at, xor) in &flips {
+                let at = at.index(input.len());
+                input[at] ^= xor;
+            }
+            input.truncate(cut.index(input.len() + 1));
+            let (result, peak) = accept(&input, &keys());
+            let err = result.expect_err("without the secret there is no success");
+            assert_typed(&err);
+            prop_assert!(peak <= MAX_ALLOC);
+        }
+    }
+}
