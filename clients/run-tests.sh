@@ -62,7 +62,7 @@ start_node() {
   local name="$1"; shift
   local dir="$work/$name"
   mkdir -p "$dir"
-  "$bin" node --data "$dir/data" --grpc-addr 127.0.0.1:0 --addr-file "$dir/addr" \
+  "$bin" node --data "$dir/data" --grpc-addr 127.0.0.1:0 --p2p-addr 127.0.0.1:0 --addr-file "$dir/addr" \
     --chunk-size 1MiB "$@" >"$dir/log" 2>&1 &
   local pid=$!
   pids+=("$pid")

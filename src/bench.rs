@@ -223,6 +223,7 @@ async fn start_node(dir: &Path, extra: &str) -> anyhow::Result<(tokio::process::
     cmd.arg("node")
         .arg("--data")
         .arg(dir)
+        .args(["--p2p-addr", "127.0.0.1:0"])
         .arg("--grpc-addr")
         .arg("127.0.0.1:0")
         .arg("--addr-file")

@@ -30,6 +30,8 @@ pub struct NodeConfig {
     /// File holding the cluster secret; `None` means `<data_dir>/cluster.key`,
     /// created on first start.
     pub cluster_key_file: Option<PathBuf>,
+    /// Peers, replication and repair.
+    pub cluster: crate::cluster::ClusterConfig,
 }
 
 impl NodeConfig {
@@ -43,6 +45,7 @@ impl NodeConfig {
             capacity: None,
             buffer_budget: 32 << 20,
             cluster_key_file: None,
+            cluster: crate::cluster::ClusterConfig::new("127.0.0.1:4040".into()),
         }
     }
 

@@ -34,6 +34,8 @@ const OBJECTS: TableDefinition<&str, &[u8]> = TableDefinition::new("objects");
 const BY_SHA1: MultimapTableDefinition<&[u8], &str> = MultimapTableDefinition::new("by_sha1");
 const CHUNK_REFS: TableDefinition<&[u8], u64> = TableDefinition::new("chunk_refs");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Chunks whose repair failed: raw chunk id -> (attempts, next try in Unix ms).
+const REPAIR_QUEUE: TableDefinition<&[u8], (u32, u64)> = TableDefinition::new("repair_queue");
 const META_HLC: &str = "hlc";
 const META_LIVE: &str = "live_objects";
 
@@ -112,6 +114,7 @@ impl Index {
             txn.open_table(OBJECTS)?;
             txn.open_multimap_table(BY_SHA1)?;
             txn.open_table(CHUNK_REFS)?;
+            txn.open_table(REPAIR_QUEUE)?;
             let meta = txn.open_table(META)?;
             meta.get(META_HLC)?.map(|v| v.value()).unwrap_or(0)
         };
@@ -257,6 +260,118 @@ impl Index {
         Ok(ListPage { records, more })
     }
 
+    /// Every record (tombstones included) in key order after `after`, at most
+    /// `limit`: what a peer pulls to reconcile its index with this one.
+    pub fn records_after(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<ObjectRecord>, bool), IndexError> {
+        let txn = self.db.begin_read()?;
+        let objects = txn.open_table(OBJECTS)?;
+        let mut out = Vec::new();
+        let range = match after {
+            Some(a) => {
+                objects.range::<&str>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))?
+            }
+            None => objects.range::<&str>(..)?,
+        };
+        for entry in range {
+            let (k, v) = entry?;
+            if out.len() == limit {
+                return Ok((out, true));
+            }
+            out.push(decode(k.value(), v.value())?);
+        }
+        Ok((out, false))
+    }
+
+    /// Chunk ids referenced by live objects, in id order after `after`, at
+    /// most `limit`: what repair walks to find chunks this node should hold.
+    pub fn referenced_chunks(
+        &self,
+        after: Option<&ChunkId>,
+        limit: usize,
+    ) -> Result<Vec<ChunkId>, IndexError> {
+        let txn = self.db.begin_read()?;
+        let refs = txn.open_table(CHUNK_REFS)?;
+        let range = match after {
+            Some(a) => refs.range::<&[u8]>((
+                std::ops::Bound::Excluded(a.0.as_slice()),
+                std::ops::Bound::Unbounded,
+            ))?,
+            None => refs.range::<&[u8]>(..)?,
+        };
+        let mut out = Vec::new();
+        for entry in range.take(limit) {
+            let (k, _) = entry?;
+            if let Some(id) = ChunkId::from_slice(k.value()) {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Puts a chunk on the persistent repair queue, to be retried at
+    /// `next_try_ms`; returns the number of attempts so far.
+    pub fn queue_repair(
+        &self,
+        id: &ChunkId,
+        backoff: impl Fn(u32) -> u64,
+    ) -> Result<u32, IndexError> {
+        let txn = self.db.begin_write()?;
+        let attempts;
+        {
+            let mut queue = txn.open_table(REPAIR_QUEUE)?;
+            let prev = queue
+                .get(id.0.as_slice())?
+                .map(|v| v.value().0)
+                .unwrap_or(0);
+            attempts = prev + 1;
+            queue.insert(id.0.as_slice(), (attempts, backoff(attempts)))?;
+        }
+        txn.commit()?;
+        Ok(attempts)
+    }
+
+    /// Chunks on the repair queue whose next try is due, at most `limit`.
+    pub fn due_repairs(&self, now_ms: u64, limit: usize) -> Result<Vec<ChunkId>, IndexError> {
+        let txn = self.db.begin_read()?;
+        let queue = txn.open_table(REPAIR_QUEUE)?;
+        let mut out = Vec::new();
+        for entry in queue.iter()? {
+            let (k, v) = entry?;
+            if v.value().1 <= now_ms
+                && let Some(id) = ChunkId::from_slice(k.value())
+            {
+                out.push(id);
+                if out.len() == limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes a chunk from the repair queue (repaired, or no longer needed).
+    pub fn repair_done(&self, ids: &[ChunkId]) -> Result<(), IndexError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut queue = txn.open_table(REPAIR_QUEUE)?;
+            for id in ids {
+                queue.remove(id.0.as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Number of chunks waiting on the repair queue.
+    pub fn repair_queue_len(&self) -> Result<u64, IndexError> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(REPAIR_QUEUE)?.len()?)
+    }
+
     /// How many live objects reference the chunk.
     pub fn chunk_refs(&self, id: &ChunkId) -> Result<u64, IndexError> {
         let txn = self.db.begin_read()?;
@@ -389,6 +504,45 @@ mod tests {
         assert_eq!(keys, ["a/3"]);
         assert!(!page.more);
         assert_eq!(index.list("", None, 10).unwrap().records.len(), 4);
+    }
+
+    #[test]
+    fn sync_pages_include_tombstones_and_refs_list_live_chunks() {
+        let (_d, index) = open();
+        index.apply(&record("a", 1, "n", &[1], false)).unwrap();
+        index.apply(&record("b", 2, "n", &[2], false)).unwrap();
+        index.apply(&record("b", 3, "n", &[], true)).unwrap();
+        index.apply(&record("c", 4, "n", &[3], false)).unwrap();
+        let (page, more) = index.records_after(None, 2).unwrap();
+        assert_eq!(
+            page.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        assert!(more && page[1].deleted);
+        let (page, more) = index.records_after(Some("b"), 2).unwrap();
+        assert_eq!(page.len(), 1);
+        assert!(!more);
+        let refs = index.referenced_chunks(None, 10).unwrap();
+        assert_eq!(refs, vec![ChunkId([1; 20]), ChunkId([3; 20])]);
+        assert_eq!(
+            index
+                .referenced_chunks(Some(&ChunkId([1; 20])), 10)
+                .unwrap(),
+            vec![ChunkId([3; 20])]
+        );
+    }
+
+    #[test]
+    fn repair_queue_persists_attempts_and_due_times() {
+        let (_d, index) = open();
+        let id = ChunkId([9; 20]);
+        assert_eq!(index.queue_repair(&id, |_| 100).unwrap(), 1);
+        assert_eq!(index.queue_repair(&id, |n| 100 * n as u64).unwrap(), 2);
+        assert!(index.due_repairs(199, 10).unwrap().is_empty());
+        assert_eq!(index.due_repairs(200, 10).unwrap(), vec![id]);
+        assert_eq!(index.repair_queue_len().unwrap(), 1);
+        index.repair_done(&[id]).unwrap();
+        assert_eq!(index.repair_queue_len().unwrap(), 0);
     }
 
     #[test]

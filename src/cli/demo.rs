@@ -1,5 +1,6 @@
-//! `dfs demo`: a local node stores every file of a folder, survives a crash
-//! (kill -9) and a restart, and gives every file back byte-exact.
+//! `dfs demo`: a local three-node cluster (R=2) stores every file of a folder,
+//! loses a node to kill -9, gives every file back byte-exact through another
+//! node, and repairs the lost copies by itself.
 
 use std::{
     collections::BTreeSet,
@@ -22,46 +23,91 @@ pub struct DemoArgs {
     /// Where the recovered copies are written
     #[arg(long, default_value = "recovered_files")]
     out: PathBuf,
-    /// The demo node's data directory (emptied first)
+    /// The demo cluster's data directory (emptied first)
     #[arg(long, default_value = "demo-data")]
     data: PathBuf,
 }
 
+/// Nodes in the demo cluster, and the copies each chunk gets.
+const NODES: usize = 3;
+const REPLICAS: &str = "2";
+
 /// A node process started by the demo.
 struct DemoNode {
-    child: tokio::process::Child,
+    child: Option<tokio::process::Child>,
+    data: PathBuf,
     addr: String,
+    p2p: String,
 }
 
 impl DemoNode {
-    async fn start(data: &Path) -> anyhow::Result<Self> {
+    async fn start(data: &Path, key: &Path, peer: Option<&str>) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(data)?;
         let addr_file = data.join("grpc.addr");
         let _ = std::fs::remove_file(&addr_file);
-        let child = tokio::process::Command::new(std::env::current_exe()?)
-            .arg("node")
+        let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
+        cmd.arg("node")
             .arg("--data")
             .arg(data)
-            .args(["--grpc-addr", "127.0.0.1:0", "--chunk-size", "1MiB"])
+            .arg("--cluster-key-file")
+            .arg(key)
+            .args(["--grpc-addr", "127.0.0.1:0", "--p2p-addr", "127.0.0.1:0"])
+            .args(["--chunk-size", "1MiB", "--replicas", REPLICAS])
+            .args([
+                "--dead-after",
+                "2s",
+                "--repair-interval",
+                "1s",
+                "--sync-interval",
+                "2s",
+            ])
             .arg("--addr-file")
             .arg(&addr_file)
-            .env("DFS_LOG", "warn")
+            .env("DFS_LOG", "error")
             .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .context("cannot start a node process")?;
+            .kill_on_drop(true);
+        if let Some(p) = peer {
+            cmd.args(["--peer", p]);
+        }
+        let child = cmd.spawn().context("cannot start a node process")?;
         let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
+        let addr = loop {
             if let Ok(text) = std::fs::read_to_string(&addr_file) {
-                return Ok(Self {
-                    child,
-                    addr: text.trim().to_owned(),
-                });
+                break text.trim().to_owned();
             }
             anyhow::ensure!(
                 Instant::now() < deadline,
-                "the demo node did not start within 20 s"
+                "a demo node did not start within 20 s"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let p2p = Client::connect(&addr, None)
+            .await?
+            .status()
+            .await?
+            .p2p_address;
+        Ok(Self {
+            child: Some(child),
+            data: data.to_owned(),
+            addr,
+            p2p,
+        })
+    }
+
+    async fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.start_kill();
+            let _ = c.wait().await;
+        }
+    }
+
+    async fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            if let Some(pid) = c.id() {
+                // SAFETY: plain kill(2) on our own child's pid.
+                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(10), c.wait()).await;
         }
     }
 }
@@ -86,20 +132,33 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         std::fs::remove_dir_all(&args.data)
             .with_context(|| format!("cannot empty {}", args.data.display()))?;
     }
+    std::fs::create_dir_all(&args.data)?;
     std::fs::create_dir_all(&args.out)?;
-
-    println!("== starting a node in {}", args.data.display());
-    let node = DemoNode::start(&args.data).await?;
-    let mut client = Client::connect(&node.addr, None).await?;
-    println!("   listening on {} (loopback only)", node.addr);
+    let key = args.data.join("cluster.key");
+    crate::crypto::ClusterSecret::generate().write_new_file(&key)?;
 
     println!(
-        "== storing {} files from {}",
+        "== starting {NODES} nodes (R={REPLICAS}) on loopback, data in {}",
+        args.data.display()
+    );
+    let mut nodes: Vec<DemoNode> = Vec::new();
+    for i in 1..=NODES {
+        let peer = nodes.first().map(|n| n.p2p.clone());
+        let node =
+            DemoNode::start(&args.data.join(format!("node{i}")), &key, peer.as_deref()).await?;
+        println!("   node{i}: gRPC {}  peer port {}", node.addr, node.p2p);
+        nodes.push(node);
+    }
+    wait_for_members(&nodes).await?;
+
+    println!(
+        "== storing {} files from {} through node1",
         files.len(),
         args.files.display()
     );
+    let mut client = Client::connect(&nodes[0].addr, None).await?;
     let mut rows = Vec::new();
-    let mut known = chunk_files(&args.data);
+    let mut known = chunk_locations(&nodes);
     for path in &files {
         let key = path
             .file_name()
@@ -110,20 +169,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             ..Default::default()
         };
         let info = client.upload_file(header, path, |_| {}).await?;
-        let now = chunk_files(&args.data);
-        let new: Vec<_> = now.difference(&known).cloned().collect();
+        let now = chunk_locations(&nodes);
         println!(
-            "   {key}: {} bytes, sha1 {}, {} chunk(s), {} new on disk",
-            info.size,
-            info.sha1,
-            info.chunk_count,
-            new.len()
+            "   {key}: {} bytes, sha1 {}, {} chunk(s)",
+            info.size, info.sha1, info.chunk_count
         );
-        for p in new.iter().take(3) {
-            println!("      {}", p.display());
-        }
-        if new.len() > 3 {
-            println!("      ... and {} more", new.len() - 3);
+        for (chunk, holders) in now.iter().filter(|(c, _)| !known.contains_key(*c)) {
+            let names: Vec<String> = holders.iter().map(|i| format!("node{}", i + 1)).collect();
+            println!("      chunk {}… on {}", &chunk[..12], names.join(", "));
         }
         known = now;
         rows.push(Row {
@@ -134,7 +187,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             recovered: false,
         });
     }
-    let leaked = plaintext_on_disk(&files, &known);
+    let all_chunks: BTreeSet<PathBuf> = nodes.iter().flat_map(|n| chunk_files(&n.data)).collect();
+    let leaked = plaintext_on_disk(&files, &all_chunks);
     println!(
         "   plaintext found in chunk files: {}",
         if leaked {
@@ -144,14 +198,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         }
     );
 
-    println!("== crashing the node (kill -9) and restarting it from the same data directory");
-    let DemoNode { mut child, .. } = node;
-    child.start_kill()?;
-    child.wait().await?;
-    let node = DemoNode::start(&args.data).await?;
-    let mut client = Client::connect(&node.addr, None).await?;
+    println!("== killing node2 (kill -9)");
+    nodes[1].kill9().await;
 
-    println!("== recovering every file into {}", args.out.display());
+    println!(
+        "== recovering every file through node3 into {}",
+        args.out.display()
+    );
+    let mut client = Client::connect(&nodes[2].addr, None).await?;
     for (row, path) in rows.iter_mut().zip(&files) {
         let target = args.out.join(&row.key);
         let mut out = tokio::fs::File::create(&target).await?;
@@ -162,6 +216,38 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         row.recovered =
             hex::encode(got) == row.sha1 && original == row.sha1 && sha1_file(&target)? == original;
     }
+
+    println!(
+        "== waiting for repair to bring every chunk back to {REPLICAS} copies on the survivors"
+    );
+    let started = Instant::now();
+    let repaired = loop {
+        let locations = chunk_locations(&nodes);
+        let live: Vec<usize> = vec![0, 2];
+        let min = locations
+            .values()
+            .map(|h| h.iter().filter(|i| live.contains(i)).count())
+            .min()
+            .unwrap_or(0);
+        if min >= 2 {
+            break true;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    println!(
+        "   {}",
+        if repaired {
+            format!(
+                "done in {:.1} s, no operator action",
+                started.elapsed().as_secs_f64()
+            )
+        } else {
+            "NOT repaired within 30 s".into()
+        }
+    );
 
     println!();
     println!(
@@ -184,18 +270,53 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     let ok = rows.iter().filter(|r| r.recovered).count();
     println!(
-        "\n{ok}/{} files recovered byte-exact after a crash and restart",
-        rows.len()
+        "\n{ok}/{} files recovered byte-exact with node2 dead; chunks repaired: {}",
+        rows.len(),
+        if repaired { "yes" } else { "no" }
     );
-
-    let DemoNode { mut child, .. } = node;
-    if let Some(pid) = child.id() {
-        // SAFETY: plain kill(2) on our own child's pid.
-        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    for n in &mut nodes {
+        n.stop().await;
     }
-    let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
-    anyhow::ensure!(ok == rows.len() && !leaked, "the demo failed");
+    anyhow::ensure!(ok == rows.len() && !leaked && repaired, "the demo failed");
     Ok(())
+}
+
+async fn wait_for_members(nodes: &[DemoNode]) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for n in nodes {
+        let mut client = Client::connect(&n.addr, None).await?;
+        loop {
+            let up = client
+                .status()
+                .await?
+                .members
+                .iter()
+                .filter(|m| m.state == "up")
+                .count();
+            if up == nodes.len() - 1 {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the demo nodes did not find each other"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
+}
+
+/// Chunk file name -> indexes of the nodes holding it.
+fn chunk_locations(nodes: &[DemoNode]) -> std::collections::BTreeMap<String, Vec<usize>> {
+    let mut map: std::collections::BTreeMap<String, Vec<usize>> = Default::default();
+    for (i, n) in nodes.iter().enumerate() {
+        for p in chunk_files(&n.data) {
+            if let Some(name) = p.file_name().and_then(|s| s.to_str()) {
+                map.entry(name.to_owned()).or_default().push(i);
+            }
+        }
+    }
+    map
 }
 
 fn chunk_files(data: &Path) -> BTreeSet<PathBuf> {

@@ -27,9 +27,38 @@ pub struct NodeArgs {
     /// gRPC listen address; loopback unless you say otherwise (port 0: any free port)
     #[arg(long, env = "DFS_GRPC_ADDR", default_value = "127.0.0.1:50051")]
     pub grpc_addr: String,
-    /// Peer-protocol address this node announces (the peer protocol is not served yet)
+    /// Peer-protocol listen address; loopback unless you say otherwise (port 0: any free port)
     #[arg(long, env = "DFS_P2P_ADDR", default_value = "127.0.0.1:4040")]
     pub p2p_addr: String,
+    /// Address peers should dial to reach this node (default: the bound --p2p-addr)
+    #[arg(long, env = "DFS_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<String>,
+    /// A peer to join (host:port; repeatable; a name resolving to several addresses counts as several)
+    #[arg(
+        long = "peer",
+        env = "DFS_PEERS",
+        value_delimiter = ',',
+        value_name = "ADDR"
+    )]
+    pub peers: Vec<String>,
+    /// Copies of every chunk (capped at the cluster size)
+    #[arg(long, env = "DFS_REPLICAS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub replicas: u32,
+    /// Copies an upload waits for (default: all R while R members are up, else a majority of R)
+    #[arg(long, env = "DFS_WRITE_QUORUM", value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub write_quorum: Option<u32>,
+    /// A member silent this long is considered down
+    #[arg(long, env = "DFS_DEAD_AFTER", default_value = "30s", value_parser = duration_arg)]
+    pub dead_after: Duration,
+    /// How often every peer's index is reconciled with this one
+    #[arg(long, env = "DFS_SYNC_INTERVAL", default_value = "60s", value_parser = duration_arg)]
+    pub sync_interval: Duration,
+    /// How often the repair pass runs (it also runs when membership changes)
+    #[arg(long, env = "DFS_REPAIR_INTERVAL", default_value = "60s", value_parser = duration_arg)]
+    pub repair_interval: Duration,
+    /// Repair transfer budget per second, so repair never starves clients
+    #[arg(long, env = "DFS_REPAIR_RATE", default_value = "64MiB", value_parser = size_arg)]
+    pub repair_rate: u64,
     /// File holding the cluster secret (64 hex chars); default: <data>/cluster.key, created if absent
     #[arg(long, env = "DFS_CLUSTER_KEY_FILE", value_name = "PATH")]
     pub cluster_key_file: Option<PathBuf>,
@@ -83,6 +112,26 @@ pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     cfg.capacity = args.capacity;
     cfg.buffer_budget = usize::try_from(args.buffer_budget).unwrap_or(usize::MAX);
     cfg.cluster_key_file = args.cluster_key_file.clone();
+    cfg.cluster.listen_addr = args.p2p_addr.clone();
+    cfg.cluster.advertise_addr = args.advertise_addr.clone();
+    cfg.cluster.peers = args
+        .peers
+        .iter()
+        .filter(|p| !p.trim().is_empty())
+        .cloned()
+        .collect();
+    cfg.cluster.replicas = args.replicas as usize;
+    cfg.cluster.write_quorum = args.write_quorum.map(|w| w as usize);
+    cfg.cluster.dead_after = args.dead_after;
+    cfg.cluster.sync_interval = args.sync_interval;
+    cfg.cluster.repair_interval = args.repair_interval;
+    cfg.cluster.repair_rate = args.repair_rate;
+    anyhow::ensure!(
+        args.write_quorum.is_none_or(|w| w <= args.replicas),
+        "--write-quorum ({}) cannot exceed --replicas ({})",
+        args.write_quorum.unwrap_or(0),
+        args.replicas
+    );
     cfg.validate().map_err(anyhow::Error::msg)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -90,15 +139,21 @@ pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
         .build()?;
     runtime.block_on(async move {
         let node = Arc::new(Node::open(cfg)?);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        node.cluster().start(stop_rx.clone()).await?;
         tokio::spawn(gc_loop(node.clone()));
         let opts = grpc::ServeOptions {
             grpc_addr: args.grpc_addr,
-            p2p_addr: args.p2p_addr,
+            p2p_addr: node.cluster().advertised_addr().to_owned(),
             auth_token: token,
             addr_file: args.addr_file,
             shutdown_grace: args.shutdown_grace,
         };
-        grpc::serve(node, opts, shutdown_signal()).await?;
+        let shutdown = async move {
+            shutdown_signal().await;
+            let _ = stop_tx.send(true);
+        };
+        grpc::serve(node, opts, shutdown).await?;
         tracing::info!("node stopped");
         Ok(ExitCode::SUCCESS)
     })

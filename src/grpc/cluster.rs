@@ -47,6 +47,16 @@ impl Cluster for ClusterService {
             chunk_count,
             bytes_stored,
         };
+        let cluster = self.node.cluster();
+        let mut members = vec![me];
+        members.extend(cluster.peers().into_iter().map(|m| MemberStatus {
+            node_id: m.node_id,
+            address: m.addr,
+            state: m.state.as_str().into(),
+            last_seen_unix_ms: m.last_seen_unix_ms,
+            chunk_count: m.chunk_count,
+            bytes_stored: m.bytes_stored,
+        }));
         Ok(Response::new(StatusResponse {
             node_id: self.node.id().to_owned(),
             grpc_address: self.grpc_address.clone(),
@@ -54,8 +64,8 @@ impl Cluster for ClusterService {
             object_count,
             chunk_count,
             bytes_stored,
-            members: vec![me],
-            repair_backlog: 0,
+            members,
+            repair_backlog: cluster.repair_backlog(),
             peak_rss_bytes: peak_rss_bytes().unwrap_or(0),
             version: env!("CARGO_PKG_VERSION").into(),
         }))

@@ -103,6 +103,7 @@ impl Storage for StorageService {
         let download = self
             .node
             .download(&target, req.offset, req.length)
+            .await
             .map_err(node_status)?;
         let info = DownloadResponse {
             msg: Some(download_response::Msg::Info(object_info(&download.record))),
@@ -125,7 +126,7 @@ impl Storage for StorageService {
             Some(stat_request::Target::Sha1(s)) => Target::Sha1(s),
             None => return Err(Status::invalid_argument("give a key or a sha1 to stat")),
         };
-        let record = self.node.resolve(&target).map_err(node_status)?;
+        let record = self.node.resolve(&target).await.map_err(node_status)?;
         Ok(Response::new(object_info(&record)))
     }
 
@@ -166,7 +167,7 @@ impl Storage for StorageService {
         request: Request<DeleteRequest>,
     ) -> Result<Response<DeleteResponse>, Status> {
         let key = request.into_inner().key;
-        let version = self.node.delete(&key).map_err(node_status)?;
+        let version = self.node.delete(&key).await.map_err(node_status)?;
         tracing::info!(key = %key, "deleted object");
         Ok(Response::new(DeleteResponse {
             version: Some(version),

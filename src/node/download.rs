@@ -5,7 +5,7 @@
 //! a chunk that verifies is sliced into messages and queued; a chunk that
 //! does not is moved to quarantine and the stream ends with `DATA_LOSS`.
 
-use std::collections::VecDeque;
+use std::{collections::VecDeque, sync::Arc};
 
 use bytes::Bytes;
 use tokio::{sync::mpsc, task::JoinHandle};
@@ -80,18 +80,18 @@ pub struct Download {
     pub data: ReceiverStream<Result<Bytes, NodeError>>,
 }
 
-type ReadResult = Result<Bytes, StoreError>;
+type ReadResult = Result<Bytes, NodeError>;
 
 impl Node {
     /// Starts streaming `target`'s bytes in `offset..offset+length` (length 0
     /// = to the end). Fails before any data if the object or range is bad.
-    pub fn download(
-        self: &std::sync::Arc<Self>,
+    pub async fn download(
+        self: &Arc<Self>,
         target: &Target,
         offset: u64,
         length: u64,
     ) -> Result<Download, NodeError> {
-        let record = self.resolve(target)?;
+        let record = self.resolve(target).await?;
         let range = ByteRange::resolve(record.size, offset, length)?;
         let (tx, rx) = mpsc::channel(QUEUE_MESSAGES);
         let node = self.clone();
@@ -105,7 +105,7 @@ impl Node {
     }
 
     async fn produce(
-        &self,
+        self: Arc<Self>,
         record: ObjectRecord,
         range: ByteRange,
         tx: mpsc::Sender<Result<Bytes, NodeError>>,
@@ -131,29 +131,16 @@ impl Node {
                     return;
                 };
                 let permit = self.budget.acquire(max_len).await;
-                let (store, keys) = (self.store.clone(), self.keys.clone());
-                let read = tokio::task::spawn_blocking(move || {
-                    let mut sealed = store.read(&id, max_len)?;
-                    let corrupt = |reason: String| StoreError::Corrupt { id, reason };
-                    keys.open_in_place(&mut sealed, &id)
-                        .map_err(|e| corrupt(e.to_string()))?;
-                    if sealed.len() - IV_LEN < to {
-                        let held = sealed.len() - IV_LEN;
-                        return Err(corrupt(format!(
-                            "holds {held} bytes, the record needs {to}"
-                        )));
-                    }
-                    Ok(Bytes::from(sealed).slice(IV_LEN..))
-                });
+                let node = self.clone();
+                let read = tokio::spawn(async move { node.chunk_plaintext(id, max_len, to).await });
                 window.push_back((id, from, to, read, permit));
             }
-            let Some((id, from, to, read, permit)) = window.pop_front() else {
+            let Some((_id, from, to, read, permit)) = window.pop_front() else {
                 return;
             };
             let plain = match read.await {
                 Ok(Ok(plain)) => plain,
-                Ok(Err(e)) => {
-                    let err = self.chunk_failed(&id, e);
+                Ok(Err(err)) => {
                     let _ = tx.send(Err(err)).await;
                     return;
                 }
@@ -174,10 +161,54 @@ impl Node {
         }
     }
 
+    /// A chunk's plaintext, verified, holding at least `needed` bytes: from
+    /// the local store, or, when the local copy is missing or bad, from a
+    /// peer (and then also put back locally if this node owns the chunk).
+    async fn chunk_plaintext(&self, id: ChunkId, max_len: usize, needed: usize) -> ReadResult {
+        let (store, keys) = (self.store.clone(), self.keys.clone());
+        let local = tokio::task::spawn_blocking(move || {
+            let mut sealed = store.read(&id, max_len)?;
+            keys.open_in_place(&mut sealed, &id)
+                .map_err(|e| StoreError::Corrupt {
+                    id,
+                    reason: e.to_string(),
+                })?;
+            Ok::<_, StoreError>(sealed)
+        })
+        .await
+        .map_err(|e| NodeError::Internal(format!("chunk read stopped: {e}")))?;
+        let local_error = match local {
+            Ok(plain) => return plaintext(id, plain, needed),
+            Err(e) => self.chunk_failed(&id, e),
+        };
+        let sealed = match self.cluster.fetch(id).await {
+            Ok(sealed) => sealed,
+            Err(remote) => {
+                return Err(NodeError::DataLoss(format!("{local_error}; {remote}")));
+            }
+        };
+        if self.cluster.owners(&id).iter().any(|o| o == &self.id) {
+            let (store, copy) = (self.store.clone(), sealed.clone());
+            let _ = tokio::task::spawn_blocking(move || store.put(&id, &copy)).await;
+        }
+        let keys = self.keys.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut buf = sealed.to_vec();
+            keys.open_in_place(&mut buf, &id)
+                .map_err(|e| NodeError::DataLoss(format!("chunk {id}: {e}")))?;
+            plaintext(id, buf, needed)
+        })
+        .await
+        .map_err(|e| NodeError::Internal(format!("chunk read stopped: {e}")))?
+    }
+
     /// Handles a chunk that could not be served: a corrupt one is moved aside
     /// for inspection (never deleted) and logged; either way the client gets
     /// `DATA_LOSS`.
     fn chunk_failed(&self, id: &ChunkId, e: StoreError) -> NodeError {
+        if let StoreError::NotFound(_) = e {
+            return NodeError::from(e);
+        }
         if let StoreError::Corrupt { .. } = e {
             match self.store.quarantine(id) {
                 Ok(path) => tracing::error!(chunk = %id, error = %e, moved_to = %path.display(),
@@ -190,4 +221,15 @@ impl Node {
         }
         NodeError::from(e)
     }
+}
+
+/// The plaintext part of an opened chunk buffer, checked to hold `needed` bytes.
+fn plaintext(id: ChunkId, opened: Vec<u8>, needed: usize) -> ReadResult {
+    let held = opened.len() - IV_LEN;
+    if held < needed {
+        return Err(NodeError::DataLoss(format!(
+            "chunk {id} holds {held} bytes, the record needs {needed}"
+        )));
+    }
+    Ok(Bytes::from(opened).slice(IV_LEN..))
 }

@@ -15,7 +15,6 @@ use std::{
     fs,
     path::Path,
     sync::{Arc, Mutex},
-    time::{SystemTime, UNIX_EPOCH},
 };
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -25,10 +24,11 @@ pub use gc::GcReport;
 pub use upload::UploadMeta;
 
 use crate::{
+    cluster::{Cluster, ClusterError},
     config::NodeConfig,
     crypto::{ChunkId, ClusterSecret, Keys},
     index::{Index, IndexError},
-    proto::{ObjectInfo, ObjectRecord, Version},
+    proto::{ObjectInfo, ObjectRecord, Version, get_record},
     store::{ChunkStore, StoreError},
 };
 
@@ -63,6 +63,17 @@ impl From<StoreError> for NodeError {
             StoreError::DiskFull(_) => Self::ResourceExhausted(e.to_string()),
             StoreError::NotFound(_) | StoreError::Corrupt { .. } => Self::DataLoss(e.to_string()),
             StoreError::Io { .. } => Self::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<ClusterError> for NodeError {
+    fn from(e: ClusterError) -> Self {
+        match e {
+            ClusterError::TooFewCopies { .. } => Self::Unavailable(e.to_string()),
+            ClusterError::ChunkUnavailable { .. } => Self::DataLoss(e.to_string()),
+            ClusterError::DiskFull(_) => Self::ResourceExhausted(e.to_string()),
+            ClusterError::Internal(_) => Self::Internal(e.to_string()),
         }
     }
 }
@@ -153,6 +164,7 @@ pub struct Node {
     store: Arc<ChunkStore>,
     index: Arc<Index>,
     budget: BufferBudget,
+    cluster: Arc<Cluster>,
     pins: Arc<Pins>,
 }
 
@@ -165,13 +177,23 @@ impl Node {
             .map_err(|e| NodeError::Internal(format!("create {}: {e}", dir.display())))?;
         let id = load_or_create_node_id(dir)?;
         let secret = load_or_create_secret(&cfg)?;
-        let store = ChunkStore::open(dir, cfg.capacity)?;
-        let index = Index::open(&dir.join("index.redb"))?;
+        let store = Arc::new(ChunkStore::open(dir, cfg.capacity)?);
+        let index = Arc::new(Index::open(&dir.join("index.redb"))?);
+        let keys = Keys::derive(&secret);
+        let cluster = Arc::new(Cluster::new(
+            id.clone(),
+            cfg.cluster.clone(),
+            keys.clone(),
+            store.clone(),
+            index.clone(),
+            Some(dir.join("members")),
+        ));
         Ok(Self {
-            keys: Keys::derive(&secret),
+            keys,
             budget: BufferBudget::new(cfg.buffer_budget),
-            store: Arc::new(store),
-            index: Arc::new(index),
+            store,
+            index,
+            cluster,
             pins: Arc::default(),
             id,
             cfg,
@@ -193,6 +215,11 @@ impl Node {
         &self.index
     }
 
+    /// The node's view of its cluster.
+    pub fn cluster(&self) -> &Arc<Cluster> {
+        &self.cluster
+    }
+
     /// The node-wide chunk buffer budget.
     pub fn budget(&self) -> &BufferBudget {
         &self.budget
@@ -203,9 +230,30 @@ impl Node {
         &self.cfg
     }
 
-    /// Finds the live record a read is aimed at.
-    pub fn resolve(&self, target: &Target) -> Result<ObjectRecord, NodeError> {
-        let found = match target {
+    /// Finds the live record a read is aimed at. A target this node does not
+    /// know is asked of its peers first, so an object is readable through
+    /// any node as soon as its upload returned.
+    pub async fn resolve(&self, target: &Target) -> Result<ObjectRecord, NodeError> {
+        if let Some(found) = self.resolve_local(target)? {
+            return Ok(found);
+        }
+        let ask = match target {
+            Target::Key(k) => get_record::Target::Key(k.clone()),
+            Target::Sha1(s) => get_record::Target::Sha1(parse_sha1(s)?.to_vec().into()),
+        };
+        if self.cluster.lookup(ask).await
+            && let Some(found) = self.resolve_local(target)?
+        {
+            return Ok(found);
+        }
+        Err(match target {
+            Target::Key(k) => NodeError::NotFound(format!("no object with key {k:?}")),
+            Target::Sha1(s) => NodeError::NotFound(format!("no object with sha1 {s}")),
+        })
+    }
+
+    fn resolve_local(&self, target: &Target) -> Result<Option<ObjectRecord>, NodeError> {
+        Ok(match target {
             Target::Key(key) => {
                 validate_key(key)?;
                 self.index.get_live(key)?
@@ -214,20 +262,13 @@ impl Node {
                 let sha1 = parse_sha1(hex)?;
                 self.index.get_by_sha1(&sha1)?
             }
-        };
-        found.ok_or_else(|| match target {
-            Target::Key(k) => NodeError::NotFound(format!("no object with key {k:?}")),
-            Target::Sha1(s) => NodeError::NotFound(format!("no object with sha1 {s}")),
         })
     }
 
     /// Replaces the object under `key` with a tombstone. Its chunks are
     /// freed by the collector once the grace period has passed.
-    pub fn delete(&self, key: &str) -> Result<Version, NodeError> {
-        validate_key(key)?;
-        let Some(old) = self.index.get_live(key)? else {
-            return Err(NodeError::NotFound(format!("no object with key {key:?}")));
-        };
+    pub async fn delete(&self, key: &str) -> Result<Version, NodeError> {
+        let old = self.resolve(&Target::Key(key.to_owned())).await?;
         let version = self.index.next_version(&self.id);
         let tombstone = ObjectRecord {
             key: old.key,
@@ -237,6 +278,7 @@ impl Node {
             ..Default::default()
         };
         self.index.apply(&tombstone)?;
+        self.cluster.publish(&tombstone).await;
         Ok(version)
     }
 }
@@ -287,10 +329,7 @@ pub fn parse_sha1(hex_text: &str) -> Result<[u8; 20], NodeError> {
 }
 
 pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    crate::units::unix_ms()
 }
 
 fn load_or_create_node_id(dir: &Path) -> Result<String, NodeError> {

@@ -52,7 +52,7 @@ async fn put(
 }
 
 async fn get(node: &Arc<Node>, key: &str, offset: u64, len: u64) -> Result<Vec<u8>, NodeError> {
-    let mut download = node.download(&Target::Key(key.into()), offset, len)?;
+    let mut download = node.download(&Target::Key(key.into()), offset, len).await?;
     let mut out = Vec::new();
     while let Some(piece) = download.data.next().await {
         out.extend_from_slice(&piece?);
@@ -158,7 +158,7 @@ async fn garbage_collection_frees_only_unreferenced_old_chunks() {
     .unwrap();
     put(&node, "b", &shared, CHUNK).await.unwrap();
     assert_eq!(node.store().usage().0, 2);
-    node.delete("a").unwrap();
+    node.delete("a").await.unwrap();
     // Within the grace period nothing goes.
     assert_eq!(node.collect_garbage().unwrap().deleted, 0);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -180,7 +180,7 @@ async fn pinned_chunks_survive_collection() {
         .chunk_id_list()
         .next()
         .unwrap();
-    node.delete("a").unwrap();
+    node.delete("a").await.unwrap();
     node.pins.pin(id);
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert_eq!(node.collect_garbage().unwrap().deleted, 0);
@@ -205,7 +205,8 @@ async fn ranges_read_only_what_they_cover() {
         Err(NodeError::DataLoss(_))
     ));
     assert!(matches!(
-        node.download(&Target::Key("r".into()), bytes.len() as u64, 1),
+        node.download(&Target::Key("r".into()), bytes.len() as u64, 1)
+            .await,
         Err(NodeError::OutOfRange(_))
     ));
 }

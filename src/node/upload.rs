@@ -119,6 +119,7 @@ impl Node {
         tokio::task::spawn_blocking(move || index.apply(&committed))
             .await
             .map_err(|e| NodeError::Internal(format!("index commit stopped: {e}")))??;
+        self.cluster.publish(&record).await;
         Ok(record)
     }
 
@@ -210,8 +211,14 @@ impl Node {
             while writes.len() >= WRITE_PARALLELISM {
                 join_write(writes.join_next().await)?;
             }
-            let store = self.store.clone();
-            writes.spawn_blocking(move || store.put(&id, &chunk.data).map(|_| ()));
+            let cluster = self.cluster.clone();
+            writes.spawn(async move {
+                let ChunkBuf { data, _permit } = chunk;
+                // The budget stays held until every copy is written.
+                let result = cluster.replicate(id, Bytes::from(data)).await;
+                drop(_permit);
+                result.map(|_| ())
+            });
         }
         while let Some(done) = writes.join_next().await {
             join_write(Some(done))?;
@@ -221,7 +228,7 @@ impl Node {
 }
 
 fn join_write(
-    done: Option<Result<Result<(), crate::store::StoreError>, tokio::task::JoinError>>,
+    done: Option<Result<Result<(), crate::cluster::ClusterError>, tokio::task::JoinError>>,
 ) -> Result<(), NodeError> {
     match done {
         None => Ok(()),

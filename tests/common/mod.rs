@@ -117,12 +117,19 @@ impl TestNode {
         } else {
             &["--chunk-size", "64KiB"]
         };
+        // Every test node takes an ephemeral peer port: tests run in parallel.
+        let p2p_default: &[&str] = if self.extra.iter().any(|a| a == "--p2p-addr") {
+            &[]
+        } else {
+            &["--p2p-addr", "127.0.0.1:0"]
+        };
         let child = Command::new(dfs_bin())
             .arg("node")
             .arg("--data")
             .arg(self.data_dir())
             .args(["--grpc-addr", "127.0.0.1:0"])
             .args(chunk_size_default)
+            .args(p2p_default)
             .arg("--addr-file")
             .arg(&addr_file)
             .args(&self.extra)
@@ -156,6 +163,26 @@ impl TestNode {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The node's peer-protocol address, as its Cluster.Status reports it.
+    pub async fn p2p_addr(&self) -> String {
+        self.status().await.p2p_address
+    }
+
+    /// The node's Cluster.Status.
+    pub async fn status(&self) -> dfs::proto::StatusResponse {
+        self.cluster()
+            .await
+            .status(dfs::proto::StatusRequest {})
+            .await
+            .expect("cluster status")
+            .into_inner()
+    }
+
+    /// Whether the node is running.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// Kills the node with SIGKILL (no chance to clean up) and reaps it.

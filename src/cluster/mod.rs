@@ -1,0 +1,526 @@
+//! The cluster: membership, placement, replication, remote reads, index
+//! convergence and repair, over the peer protocol (`p2p`).
+//!
+//! A node that was never started as part of a cluster (no peers, `start` not
+//! called) is a cluster of one: every chunk's only owner is itself.
+
+mod handler;
+pub mod membership;
+pub mod placement;
+mod repair;
+mod sync;
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+pub use membership::{MemberState, MemberView, Membership};
+
+use crate::{
+    crypto::{ChunkId, IV_LEN, Keys},
+    index::Index,
+    p2p::{self, Identity, Limits, PeerPool},
+    proto::{
+        GetChunk, GetRecord, IndexUpdate, ObjectRecord, PeerMessage, PutChunk, get_record,
+        peer_message::Kind,
+    },
+    store::ChunkStore,
+};
+
+/// Records pushed or pulled per index message.
+const SYNC_PAGE: usize = 500;
+
+/// Errors the cluster reports to the node.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// Fewer nodes took a chunk than the write rule requires.
+    #[error("chunk {id} is durable on {copies} node(s), {required} required: {reasons}")]
+    TooFewCopies {
+        id: ChunkId,
+        copies: usize,
+        required: usize,
+        reasons: String,
+    },
+    /// No reachable node holds a chunk that verifies.
+    #[error("no node holds a verified copy of chunk {id}: {reasons}")]
+    ChunkUnavailable { id: ChunkId, reasons: String },
+    /// The local store refused a write for lack of space.
+    #[error("{0}")]
+    DiskFull(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// How the cluster part of a node is configured.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// Address to accept peer connections on.
+    pub listen_addr: String,
+    /// Address peers should use to reach this node (default: the bound one).
+    pub advertise_addr: Option<String>,
+    /// Bootstrap peers: `host:port`; a name that resolves to several
+    /// addresses counts as several peers.
+    pub peers: Vec<String>,
+    /// Copies of every chunk (R), capped at the cluster size.
+    pub replicas: usize,
+    /// Copies an upload waits for (W); `None` applies the default rule.
+    pub write_quorum: Option<usize>,
+    /// A member silent this long is down.
+    pub dead_after: Duration,
+    /// How often each peer's index is pulled in full.
+    pub sync_interval: Duration,
+    /// How often the repair pass runs.
+    pub repair_interval: Duration,
+    /// Repair transfer budget, bytes per second.
+    pub repair_rate: u64,
+    /// Largest sealed chunk a peer may send.
+    pub max_chunk: usize,
+}
+
+impl ClusterConfig {
+    /// Defaults for everything but the listen address.
+    pub fn new(listen_addr: String) -> Self {
+        Self {
+            listen_addr,
+            advertise_addr: None,
+            peers: Vec::new(),
+            replicas: 3,
+            write_quorum: None,
+            dead_after: Duration::from_secs(30),
+            sync_interval: Duration::from_secs(60),
+            repair_interval: Duration::from_secs(60),
+            repair_rate: 64 << 20,
+            max_chunk: crate::config::MAX_CHUNK_SIZE + IV_LEN,
+        }
+    }
+}
+
+/// The cluster state of one node.
+pub struct Cluster {
+    node_id: String,
+    cfg: ClusterConfig,
+    keys: Keys,
+    store: Arc<ChunkStore>,
+    index: Arc<Index>,
+    membership: Membership,
+    /// Set by `start`, once the advertised address is known.
+    pool: OnceLock<PeerPool>,
+    advertised: OnceLock<String>,
+    repair: repair::RepairState,
+    sync: sync::SyncRequests,
+}
+
+impl Cluster {
+    /// A cluster of one until `start` is called.
+    pub fn new(
+        node_id: String,
+        cfg: ClusterConfig,
+        keys: Keys,
+        store: Arc<ChunkStore>,
+        index: Arc<Index>,
+        members_file: Option<std::path::PathBuf>,
+    ) -> Self {
+        Self {
+            membership: Membership::load(&node_id, cfg.dead_after, members_file),
+            node_id,
+            cfg,
+            keys,
+            store,
+            index,
+            pool: OnceLock::new(),
+            advertised: OnceLock::new(),
+            repair: repair::RepairState::default(),
+            sync: sync::SyncRequests::default(),
+        }
+    }
+
+    /// Binds the peer port, then runs the peer server, the membership,
+    /// index-sync and repair loops until `shutdown` turns true. Returns the
+    /// bound address.
+    pub async fn start(
+        self: &Arc<Self>,
+        shutdown: watch::Receiver<bool>,
+    ) -> anyhow::Result<SocketAddr> {
+        let listener = tokio::net::TcpListener::bind(&self.cfg.listen_addr)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!("cannot listen for peers on {}: {e}", self.cfg.listen_addr)
+            })?;
+        let local = listener.local_addr()?;
+        let advertised = self
+            .cfg
+            .advertise_addr
+            .clone()
+            .unwrap_or_else(|| local.to_string());
+        let identity = || Identity {
+            node_id: self.node_id.clone(),
+            advertised_addr: advertised.clone(),
+        };
+        let limits = Limits {
+            max_body: self.cfg.max_chunk,
+            ..Limits::default()
+        };
+        let _ = self.advertised.set(advertised.clone());
+        let _ = self
+            .pool
+            .set(PeerPool::new(identity(), self.keys.clone(), limits.clone()));
+        let handler = Arc::new(handler::PeerService::new(self.clone()));
+        tokio::spawn(p2p::serve(
+            listener,
+            identity(),
+            self.keys.clone(),
+            limits,
+            handler,
+            shutdown.clone(),
+        ));
+        tokio::spawn(self.clone().membership_loop(shutdown.clone()));
+        tokio::spawn(self.clone().sync_loop(shutdown.clone()));
+        tokio::spawn(self.clone().repair_loop(shutdown));
+        tracing::info!(p2p = %local, advertised = %advertised, peers = ?self.cfg.peers, "peer protocol listening");
+        Ok(local)
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// The address peers reach this node at (empty before `start`).
+    pub fn advertised_addr(&self) -> &str {
+        self.advertised.get().map(String::as_str).unwrap_or("")
+    }
+
+    /// Every other known member.
+    pub fn peers(&self) -> Vec<MemberView> {
+        self.membership.peers()
+    }
+
+    /// Chunks waiting for repair on this node.
+    pub fn repair_backlog(&self) -> u64 {
+        self.repair.backlog(&self.index)
+    }
+
+    fn pool(&self) -> Option<&PeerPool> {
+        self.pool.get()
+    }
+
+    /// R for this cluster: the configured replica count, capped at the
+    /// number of known members.
+    pub fn replicas(&self) -> usize {
+        self.cfg.replicas.clamp(1, self.membership.size())
+    }
+
+    /// Copies an upload must reach: W = R while R members are up; with
+    /// fewer up, every live member takes a copy and a majority of R must.
+    pub fn write_quorum(&self) -> usize {
+        let r = self.replicas();
+        if let Some(w) = self.cfg.write_quorum {
+            return w.clamp(1, r);
+        }
+        let live = self.membership.live_ids().len();
+        if live >= r { r } else { r / 2 + 1 }
+    }
+
+    /// Live members ranked for `id`, best first.
+    pub fn ranked_live(&self, id: &ChunkId) -> Vec<String> {
+        let live = self.membership.live_ids();
+        placement::rank(id, live.iter().map(String::as_str))
+            .into_iter()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The chunk's owners: the first R live members in its ranking.
+    pub fn owners(&self, id: &ChunkId) -> Vec<String> {
+        let mut ranked = self.ranked_live(id);
+        ranked.truncate(self.replicas());
+        ranked
+    }
+
+    /// Makes a sealed chunk durable on its owners: R copies in parallel, a
+    /// failed member replaced by the next in rank. Succeeds only with at
+    /// least W copies. Returns the ids of the nodes that hold it.
+    pub async fn replicate(&self, id: ChunkId, sealed: Bytes) -> Result<Vec<String>, ClusterError> {
+        let r = self.replicas();
+        let w = self.write_quorum();
+        let mut candidates = self.ranked_live(&id).into_iter();
+        let mut holders = Vec::new();
+        let mut reasons = Vec::new();
+        let mut running = tokio::task::JoinSet::new();
+        let mut disk_full = None;
+        loop {
+            while holders.len() + running.len() < r {
+                let Some(member) = candidates.next() else {
+                    break;
+                };
+                let this = self.clone_for_task();
+                let body = sealed.clone();
+                running.spawn(async move {
+                    let result = this.put_on(&member, id, body).await;
+                    (member, result)
+                });
+            }
+            let Some(done) = running.join_next().await else {
+                break;
+            };
+            match done {
+                Ok((member, Ok(()))) => holders.push(member),
+                Ok((member, Err(e))) => {
+                    if let ClusterError::DiskFull(msg) = &e {
+                        disk_full.get_or_insert(msg.clone());
+                    }
+                    tracing::warn!(chunk = %id, member = %member, error = %e, "replica write failed; trying the next member");
+                    reasons.push(format!("{member}: {e}"));
+                }
+                Err(e) => reasons.push(format!("write task: {e}")),
+            }
+        }
+        if holders.len() >= w {
+            return Ok(holders);
+        }
+        if let (Some(msg), true) = (disk_full, holders.is_empty()) {
+            return Err(ClusterError::DiskFull(msg));
+        }
+        Err(ClusterError::TooFewCopies {
+            id,
+            copies: holders.len(),
+            required: w,
+            reasons: if reasons.is_empty() {
+                "not enough live members".into()
+            } else {
+                reasons.join("; ")
+            },
+        })
+    }
+
+    /// A cheap handle for spawned tasks.
+    fn clone_for_task(&self) -> ChunkWriter {
+        ChunkWriter {
+            self_id: self.node_id.clone(),
+            store: self.store.clone(),
+            pool: self.pool().cloned(),
+            addr: self
+                .membership
+                .peers()
+                .into_iter()
+                .map(|m| (m.node_id, m.addr))
+                .collect(),
+        }
+    }
+
+    /// Fetches a chunk from peers: owners in rank order first, then every
+    /// other live member. Returns the sealed bytes, verified.
+    pub async fn fetch(&self, id: ChunkId) -> Result<Bytes, ClusterError> {
+        let Some(pool) = self.pool() else {
+            return Err(ClusterError::ChunkUnavailable {
+                id,
+                reasons: "not stored on this node, which has no peers".into(),
+            });
+        };
+        let mut reasons = Vec::new();
+        for member in self
+            .ranked_live(&id)
+            .into_iter()
+            .filter(|m| *m != self.node_id)
+        {
+            let Some(addr) = self.membership.addr_of(&member) else {
+                continue;
+            };
+            let msg = PeerMessage {
+                has_body: false,
+                kind: Some(Kind::GetChunk(GetChunk {
+                    chunk_id: id.0.to_vec().into(),
+                })),
+            };
+            match pool.request(&addr, msg, None).await {
+                Ok(reply) => match (reply.msg.kind, reply.body) {
+                    (Some(Kind::GetChunkReply(r)), Some(body)) if r.found => {
+                        let keys = self.keys.clone();
+                        let check = body.clone();
+                        let verified =
+                            tokio::task::spawn_blocking(move || keys.verify_sealed(&check, &id))
+                                .await
+                                .map_err(|e| ClusterError::Internal(e.to_string()))?;
+                        match verified {
+                            Ok(()) => return Ok(body),
+                            Err(e) => {
+                                tracing::warn!(chunk = %id, member = %member, error = %e, "peer sent a chunk that does not verify");
+                                reasons.push(format!("{member}: {e}"));
+                            }
+                        }
+                    }
+                    (Some(Kind::GetChunkReply(_)), _) => {
+                        reasons.push(format!("{member}: not held"))
+                    }
+                    (Some(Kind::Error(e)), _) => reasons.push(format!("{member}: {}", e.message)),
+                    _ => reasons.push(format!("{member}: unexpected reply")),
+                },
+                Err(e) => reasons.push(format!("{member}: {e}")),
+            }
+        }
+        Err(ClusterError::ChunkUnavailable {
+            id,
+            reasons: if reasons.is_empty() {
+                "no live peers".into()
+            } else {
+                reasons.join("; ")
+            },
+        })
+    }
+
+    /// Asks live peers for a record this node does not have (a key or a
+    /// SHA-1), applies what they know (last writer wins) and returns
+    /// whether anything new was applied.
+    pub async fn lookup(&self, target: get_record::Target) -> bool {
+        let Some(pool) = self.pool() else {
+            return false;
+        };
+        let mut asks = tokio::task::JoinSet::new();
+        for peer in self
+            .membership
+            .peers()
+            .into_iter()
+            .filter(|p| p.state == MemberState::Up)
+        {
+            let (pool, target) = (pool.clone(), target.clone());
+            asks.spawn(async move {
+                let msg = PeerMessage {
+                    has_body: false,
+                    kind: Some(Kind::GetRecord(GetRecord {
+                        target: Some(target),
+                    })),
+                };
+                pool.request(&peer.addr, msg, None).await
+            });
+        }
+        let mut applied = false;
+        while let Some(done) = asks.join_next().await {
+            if let Ok(Ok(reply)) = done
+                && let Some(Kind::GetRecordReply(r)) = reply.msg.kind
+                && let Some(record) = r.record
+            {
+                applied |= self.apply_records(vec![record]).await > 0;
+            }
+        }
+        applied
+    }
+
+    /// Applies records from a peer; returns how many were newer.
+    pub async fn apply_records(&self, records: Vec<ObjectRecord>) -> u32 {
+        let index = self.index.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut applied = 0;
+            for r in records {
+                // A peer's record is checked like a client's key would be.
+                if r.key.is_empty() || r.key.len() > 1024 || r.key.contains('\0') {
+                    continue;
+                }
+                match index.apply(&r) {
+                    Ok(true) => applied += 1,
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(key = %r.key, error = %e, "cannot apply a peer's record")
+                    }
+                }
+            }
+            applied
+        })
+        .await
+        .unwrap_or(0)
+    }
+
+    /// Pushes a freshly committed record to every live peer, waiting at
+    /// most a few seconds; peers that miss it converge through index sync.
+    pub async fn publish(&self, record: &ObjectRecord) {
+        let Some(pool) = self.pool() else { return };
+        let mut pushes = tokio::task::JoinSet::new();
+        for peer in self
+            .membership
+            .peers()
+            .into_iter()
+            .filter(|p| p.state == MemberState::Up)
+        {
+            let pool = pool.clone();
+            let msg = PeerMessage {
+                has_body: false,
+                kind: Some(Kind::IndexUpdate(IndexUpdate {
+                    records: vec![record.clone()],
+                })),
+            };
+            pushes.spawn(async move {
+                let result = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    pool.request(&peer.addr, msg, None),
+                )
+                .await;
+                if !matches!(result, Ok(Ok(_))) {
+                    tracing::debug!(peer = %peer.node_id, "index push failed; sync will catch up");
+                }
+            });
+        }
+        while pushes.join_next().await.is_some() {}
+    }
+}
+
+/// What a replica write task needs, detached from the cluster's lifetime.
+struct ChunkWriter {
+    self_id: String,
+    store: Arc<ChunkStore>,
+    pool: Option<PeerPool>,
+    addr: std::collections::HashMap<String, String>,
+}
+
+impl ChunkWriter {
+    async fn put_on(&self, member: &str, id: ChunkId, sealed: Bytes) -> Result<(), ClusterError> {
+        if member == self.self_id {
+            let store = self.store.clone();
+            return tokio::task::spawn_blocking(move || store.put(&id, &sealed))
+                .await
+                .map_err(|e| ClusterError::Internal(e.to_string()))?
+                .map(|_| ())
+                .map_err(|e| match e {
+                    crate::store::StoreError::DiskFull(m) => ClusterError::DiskFull(m),
+                    other => ClusterError::Internal(other.to_string()),
+                });
+        }
+        let (Some(pool), Some(addr)) = (&self.pool, self.addr.get(member)) else {
+            return Err(ClusterError::Internal(format!(
+                "no address for member {member}"
+            )));
+        };
+        let msg = PeerMessage {
+            has_body: true,
+            kind: Some(Kind::PutChunk(PutChunk {
+                chunk_id: id.0.to_vec().into(),
+            })),
+        };
+        let reply = pool
+            .request(addr, msg, Some(sealed))
+            .await
+            .map_err(|e| ClusterError::Internal(e.to_string()))?;
+        match reply.msg.kind {
+            Some(Kind::PutChunkReply(r)) if r.stored => Ok(()),
+            Some(Kind::Error(e)) if e.code == code::RESOURCE_EXHAUSTED => {
+                Err(ClusterError::DiskFull(e.message))
+            }
+            Some(Kind::Error(e)) => Err(ClusterError::Internal(e.message)),
+            _ => Err(ClusterError::Internal(
+                "unexpected reply to PutChunk".into(),
+            )),
+        }
+    }
+}
+
+/// `google.rpc.Code` values carried in `PeerError.code`.
+pub mod code {
+    pub const INVALID_ARGUMENT: u32 = 3;
+    pub const NOT_FOUND: u32 = 5;
+    pub const RESOURCE_EXHAUSTED: u32 = 8;
+    pub const INTERNAL: u32 = 13;
+    pub const DATA_LOSS: u32 = 15;
+}

@@ -1,0 +1,313 @@
+//! Repair: keep every referenced chunk on its R current owners.
+//!
+//! A pass runs every `repair_interval`, and soon after membership changes.
+//! It walks this node's chunks in batches: for each chunk some live object
+//! references, it asks the owners (one `HasChunks` per owner per batch)
+//! and pushes the chunk to owners that lack it; a node that is not an owner
+//! drops its copy once all R owners confirmed theirs. It then walks the
+//! index's referenced chunks and pulls the ones this node owns but lacks.
+//! Work that fails goes on a persistent queue (in the index database) with
+//! exponential back-off. Transfers are paced to `repair_rate` bytes/s so
+//! repair never starves client traffic.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::sync::{Notify, watch};
+
+use super::{Cluster, MemberState, sync::sleep_or_stop};
+use crate::{
+    crypto::ChunkId,
+    index::Index,
+    proto::{HasChunks, PeerMessage, peer_message::Kind},
+};
+
+/// Chunks examined per step; one HasChunks per owner per batch.
+const BATCH: usize = 256;
+/// First retry delay of a failed repair, doubled per attempt up to `MAX_BACKOFF`.
+const FIRST_BACKOFF: Duration = Duration::from_secs(5);
+const MAX_BACKOFF: Duration = Duration::from_secs(600);
+
+/// Repair progress shared with status reporting.
+#[derive(Default)]
+pub struct RepairState {
+    kick: Notify,
+    /// Chunks found needing work in the current pass and not yet done.
+    pending: AtomicU64,
+}
+
+impl RepairState {
+    /// Asks for a pass soon (membership changed).
+    pub fn kick(&self) {
+        self.kick.notify_one();
+    }
+
+    /// Chunks waiting for repair: the current pass's remainder plus the queue.
+    pub fn backlog(&self, index: &Index) -> u64 {
+        self.pending.load(Ordering::Relaxed) + index.repair_queue_len().unwrap_or(0)
+    }
+}
+
+/// What a chunk needs, decided from the owners' answers.
+struct Plan {
+    id: ChunkId,
+    push_to: Vec<String>,
+    drop_after: bool,
+}
+
+impl Cluster {
+    pub(super) async fn repair_loop(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = self.repair.kick.notified() => {
+                    // Let a burst of membership changes settle into one pass.
+                    if !sleep_or_stop(Duration::from_millis(200), &mut shutdown).await { return; }
+                }
+                keep = sleep_or_stop(self.cfg.repair_interval, &mut shutdown) => {
+                    if !keep { return; }
+                }
+            }
+            let started = Instant::now();
+            match self.repair_pass().await {
+                Ok((pushed, pulled, dropped)) if pushed + pulled + dropped > 0 => tracing::info!(
+                    pushed, pulled, dropped, took = ?started.elapsed(), "repair pass moved copies"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "repair pass failed"),
+            }
+        }
+    }
+
+    /// One repair pass. Returns (copies pushed, chunks pulled, copies dropped).
+    pub async fn repair_pass(&self) -> Result<(u64, u64, u64), String> {
+        if self.pool().is_none() {
+            return Ok((0, 0, 0));
+        }
+        let mut totals = (0, 0, 0);
+        // Retry what failed before, when due.
+        let due = self
+            .index
+            .due_repairs(crate::units::unix_ms(), BATCH)
+            .map_err(|e| e.to_string())?;
+        let mut done = Vec::new();
+        for id in due {
+            if self.repair_one(id, &mut totals).await {
+                done.push(id);
+            }
+        }
+        self.index.repair_done(&done).map_err(|e| e.to_string())?;
+
+        // Push what this node holds to owners that lack it.
+        let store = self.store.clone();
+        let local = tokio::task::spawn_blocking(move || {
+            let mut ids = Vec::new();
+            store.for_each_chunk(|id, _, _| ids.push(id)).map(|()| ids)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        for batch in local.chunks(BATCH) {
+            let plans = self.plan_batch(batch).await;
+            self.repair
+                .pending
+                .store(plans.len() as u64, Ordering::Relaxed);
+            for plan in plans {
+                if !self.execute(&plan, &mut totals).await {
+                    self.enqueue(&plan.id);
+                }
+                self.repair.pending.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+
+        // Pull what this node owns but lacks.
+        let mut after = None;
+        loop {
+            let ids = self
+                .index
+                .referenced_chunks(after.as_ref(), BATCH)
+                .map_err(|e| e.to_string())?;
+            let Some(last) = ids.last().copied() else {
+                break;
+            };
+            for id in ids {
+                if self.owners(&id).contains(&self.node_id)
+                    && !self.store.contains(&id)
+                    && !self.pull(id, &mut totals).await
+                {
+                    self.enqueue(&id);
+                }
+            }
+            after = Some(last);
+        }
+        self.repair.pending.store(0, Ordering::Relaxed);
+        Ok(totals)
+    }
+
+    /// Repairs one chunk from the queue; true when nothing is left to do.
+    async fn repair_one(&self, id: ChunkId, totals: &mut (u64, u64, u64)) -> bool {
+        if self.index.chunk_refs(&id).unwrap_or(0) == 0 {
+            return true; // nothing references it any more
+        }
+        if self.store.contains(&id) {
+            let mut ok = true;
+            for plan in self.plan_batch(&[id]).await {
+                ok &= self.execute(&plan, totals).await;
+            }
+            return ok;
+        }
+        if self.owners(&id).contains(&self.node_id) {
+            return self.pull(id, totals).await;
+        }
+        true
+    }
+
+    /// Asks each owner which of `batch` it holds; returns the chunks that need
+    /// a push or a drop.
+    async fn plan_batch(&self, batch: &[ChunkId]) -> Vec<Plan> {
+        let r = self.replicas();
+        let mut by_owner: HashMap<String, Vec<ChunkId>> = HashMap::new();
+        let mut owners_of = Vec::new();
+        for id in batch {
+            if self.index.chunk_refs(id).unwrap_or(0) == 0 {
+                continue; // garbage: the collector's business
+            }
+            let owners = self.owners(id);
+            for o in owners.iter().filter(|o| **o != self.node_id) {
+                by_owner.entry(o.clone()).or_default().push(*id);
+            }
+            owners_of.push((*id, owners));
+        }
+        let mut present: HashMap<(String, ChunkId), bool> = HashMap::new();
+        for (owner, ids) in by_owner {
+            let answers = self.has_chunks(&owner, &ids).await;
+            for (id, has) in ids
+                .iter()
+                .zip(answers.unwrap_or_else(|| vec![false; ids.len()]))
+            {
+                present.insert((owner.clone(), *id), has);
+            }
+        }
+        owners_of
+            .into_iter()
+            .filter_map(|(id, owners)| {
+                let push_to: Vec<String> = owners
+                    .iter()
+                    .filter(|o| {
+                        **o != self.node_id
+                            && !present.get(&((*o).clone(), id)).copied().unwrap_or(false)
+                    })
+                    .cloned()
+                    .collect();
+                let drop_after = !owners.contains(&self.node_id) && owners.len() >= r;
+                (!push_to.is_empty() || drop_after).then_some(Plan {
+                    id,
+                    push_to,
+                    drop_after,
+                })
+            })
+            .collect()
+    }
+
+    async fn has_chunks(&self, owner: &str, ids: &[ChunkId]) -> Option<Vec<bool>> {
+        let (pool, addr) = (self.pool()?, self.membership.addr_of(owner)?);
+        let msg = PeerMessage {
+            has_body: false,
+            kind: Some(Kind::HasChunks(HasChunks {
+                chunk_ids: ids.iter().map(|id| id.0.to_vec().into()).collect(),
+            })),
+        };
+        match pool.request(&addr, msg, None).await.ok()?.msg.kind {
+            Some(Kind::HasChunksReply(r)) if r.present.len() == ids.len() => Some(r.present),
+            _ => None,
+        }
+    }
+
+    /// Pushes a chunk to the owners that lack it, then drops the local copy
+    /// if this node is not an owner and every owner now holds one.
+    async fn execute(&self, plan: &Plan, totals: &mut (u64, u64, u64)) -> bool {
+        let mut ok = true;
+        if !plan.push_to.is_empty() {
+            let Some(sealed) = self.read_verified(plan.id).await else {
+                return false;
+            };
+            for owner in &plan.push_to {
+                self.pace(sealed.len()).await;
+                match self
+                    .clone_for_task()
+                    .put_on(owner, plan.id, sealed.clone())
+                    .await
+                {
+                    Ok(()) => totals.0 += 1,
+                    Err(e) => {
+                        tracing::debug!(chunk = %plan.id, owner = %owner, error = %e, "repair push failed");
+                        ok = false;
+                    }
+                }
+            }
+        }
+        if ok && plan.drop_after {
+            let store = self.store.clone();
+            let id = plan.id;
+            // Dropping only after every owner confirmed: never below R copies.
+            let removed = tokio::task::spawn_blocking(move || {
+                store.remove_if_older(&id, std::time::SystemTime::now() + Duration::from_secs(1))
+            })
+            .await;
+            if matches!(removed, Ok(Ok(true))) {
+                totals.2 += 1;
+            }
+        }
+        ok
+    }
+
+    async fn pull(&self, id: ChunkId, totals: &mut (u64, u64, u64)) -> bool {
+        match self.fetch(id).await {
+            Ok(sealed) => {
+                self.pace(sealed.len()).await;
+                let store = self.store.clone();
+                let stored = tokio::task::spawn_blocking(move || store.put(&id, &sealed)).await;
+                let ok = matches!(stored, Ok(Ok(_)));
+                if ok {
+                    totals.1 += 1;
+                }
+                ok
+            }
+            Err(e) => {
+                tracing::debug!(chunk = %id, error = %e, "repair pull failed");
+                false
+            }
+        }
+    }
+
+    fn enqueue(&self, id: &ChunkId) {
+        let now = crate::units::unix_ms();
+        let backoff = |attempts: u32| {
+            let delay = FIRST_BACKOFF
+                .saturating_mul(1 << attempts.min(10))
+                .min(MAX_BACKOFF);
+            now + delay.as_millis() as u64
+        };
+        if let Err(e) = self.index.queue_repair(id, backoff) {
+            tracing::warn!(chunk = %id, error = %e, "cannot queue a repair");
+        }
+    }
+
+    /// Sleeps long enough that repair transfers average `repair_rate`.
+    async fn pace(&self, bytes: usize) {
+        let rate = self.cfg.repair_rate.max(1) as f64;
+        tokio::time::sleep(Duration::from_secs_f64(bytes as f64 / rate)).await;
+    }
+
+    /// Whether any member is down (repair has something to do then).
+    pub fn any_member_down(&self) -> bool {
+        self.membership
+            .peers()
+            .iter()
+            .any(|m| m.state == MemberState::Down)
+    }
+}

@@ -1,0 +1,215 @@
+//! Membership pings and index reconciliation.
+
+use std::{collections::HashSet, sync::Arc, time::Duration};
+
+use tokio::sync::watch;
+
+use super::{Cluster, SYNC_PAGE};
+use crate::proto::{IndexSync, PeerMessage, Ping, peer_message::Kind};
+
+/// Waits for `d`, or returns false at once if shutdown was signalled.
+pub(super) async fn sleep_or_stop(d: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => !*shutdown.borrow(),
+        _ = shutdown.changed() => false,
+    }
+}
+
+impl Cluster {
+    /// How often members are pinged: often enough that a live member is
+    /// never mistaken for a dead one (five pings per `dead_after`).
+    fn ping_interval(&self) -> Duration {
+        (self.cfg.dead_after / 5).clamp(Duration::from_millis(100), Duration::from_secs(5))
+    }
+
+    pub(super) async fn membership_loop(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut self_addrs: HashSet<String> = HashSet::new();
+        loop {
+            let targets = self.ping_targets(&self_addrs).await;
+            let mut pings = tokio::task::JoinSet::new();
+            for addr in targets {
+                let this = self.clone();
+                pings.spawn(async move {
+                    let result = this.ping(&addr).await;
+                    (addr, result)
+                });
+            }
+            while let Some(done) = pings.join_next().await {
+                if let Ok((addr, Err(e))) = done {
+                    if e.contains("itself") || e.contains("own node id") {
+                        self_addrs.insert(addr);
+                    } else {
+                        tracing::debug!(addr = %addr, error = %e, "ping failed");
+                    }
+                }
+            }
+            for id in self.membership.expire() {
+                tracing::warn!(member = %id, dead_after = ?self.cfg.dead_after,
+                    "member is down: nothing heard from it within dead_after");
+                if let (Some(pool), Some(addr)) = (self.pool(), self.membership.addr_of(&id)) {
+                    pool.forget(&addr);
+                }
+                self.repair.kick();
+            }
+            if !sleep_or_stop(self.ping_interval(), &mut shutdown).await {
+                return;
+            }
+        }
+    }
+
+    /// Known members plus every address the bootstrap names resolve to.
+    async fn ping_targets(&self, self_addrs: &HashSet<String>) -> HashSet<String> {
+        let mut targets: HashSet<String> = self
+            .membership
+            .peers()
+            .into_iter()
+            .map(|m| m.addr)
+            .collect();
+        for name in &self.cfg.peers {
+            match tokio::net::lookup_host(name.as_str()).await {
+                Ok(addrs) => targets.extend(addrs.map(|a| a.to_string())),
+                Err(e) => {
+                    tracing::debug!(peer = %name, error = %e, "cannot resolve peer address");
+                    targets.insert(name.clone());
+                }
+            }
+        }
+        targets.remove(self.advertised_addr());
+        targets.retain(|a| !self_addrs.contains(a));
+        targets
+    }
+
+    async fn ping(&self, addr: &str) -> Result<(), String> {
+        let pool = self.pool().ok_or("not started")?;
+        let (chunk_count, bytes_stored) = self.store.usage();
+        let msg = PeerMessage {
+            has_body: false,
+            kind: Some(Kind::Ping(Ping {
+                members: self.membership.for_exchange(self.advertised_addr()),
+                chunk_count,
+                bytes_stored,
+            })),
+        };
+        let reply = pool
+            .request(addr, msg, None)
+            .await
+            .map_err(|e| e.to_string())?;
+        if reply.peer.node_id == self.node_id {
+            return Err("connected to itself".into());
+        }
+        let Some(Kind::Pong(pong)) = reply.msg.kind else {
+            return Err("answered a ping with something else".into());
+        };
+        let change = self.membership.observe(
+            &reply.peer.node_id,
+            &reply.peer.advertised_addr,
+            Some((pong.chunk_count, pong.bytes_stored)),
+        );
+        self.membership.learn(&pong.members);
+        if change != super::membership::Change::None {
+            self.member_appeared(&reply.peer.node_id, &reply.peer.advertised_addr);
+        }
+        Ok(())
+    }
+
+    /// A member joined or came back: reconcile indexes with it now and let
+    /// repair move copies to (or back from) it.
+    pub(super) fn member_appeared(self: &Cluster, node_id: &str, addr: &str) {
+        tracing::info!(member = %node_id, addr = %addr, "member is up");
+        self.repair.kick();
+        self.sync.request(addr);
+    }
+
+    pub(super) async fn sync_loop(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut next_full = tokio::time::Instant::now();
+        loop {
+            // Pull from members that just appeared, and from everyone periodically.
+            let mut addrs = self.sync.take_requests();
+            if tokio::time::Instant::now() >= next_full {
+                addrs.extend(
+                    self.membership
+                        .peers()
+                        .into_iter()
+                        .filter(|p| p.state == super::MemberState::Up)
+                        .map(|p| p.addr),
+                );
+                next_full = tokio::time::Instant::now() + self.cfg.sync_interval;
+            }
+            for addr in addrs {
+                match self.pull_index(&addr).await {
+                    Ok(n) if n > 0 => {
+                        tracing::info!(peer = %addr, applied = n, "index sync applied newer records")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(peer = %addr, error = %e, "index sync failed"),
+                }
+            }
+            tokio::select! {
+                _ = self.sync.wait() => {}
+                keep = sleep_or_stop(Duration::from_millis(500).min(self.cfg.sync_interval), &mut shutdown) => {
+                    if !keep { return; }
+                }
+            }
+            if *shutdown.borrow() {
+                return;
+            }
+        }
+    }
+
+    /// Pulls every record a peer holds, page by page, applying the newer
+    /// ones. Returns how many were applied.
+    pub async fn pull_index(&self, addr: &str) -> Result<u32, String> {
+        let pool = self.pool().ok_or("not started")?;
+        let mut after = String::new();
+        let mut applied = 0;
+        loop {
+            let msg = PeerMessage {
+                has_body: false,
+                kind: Some(Kind::IndexSync(IndexSync {
+                    after_key: after.clone(),
+                    limit: SYNC_PAGE as u32,
+                })),
+            };
+            let reply = pool
+                .request(addr, msg, None)
+                .await
+                .map_err(|e| e.to_string())?;
+            let Some(Kind::IndexSyncReply(page)) = reply.msg.kind else {
+                return Err("unexpected reply to IndexSync".into());
+            };
+            let Some(last) = page.records.last().map(|r| r.key.clone()) else {
+                return Ok(applied);
+            };
+            applied += self.apply_records(page.records).await;
+            if !page.more || last <= after {
+                return Ok(applied);
+            }
+            after = last;
+        }
+    }
+}
+
+/// Addresses waiting for an immediate index pull.
+#[derive(Default)]
+pub struct SyncRequests {
+    pending: std::sync::Mutex<HashSet<String>>,
+    notify: tokio::sync::Notify,
+}
+
+impl SyncRequests {
+    pub fn request(&self, addr: &str) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(addr.to_owned());
+        self.notify.notify_one();
+    }
+
+    fn take_requests(&self) -> HashSet<String> {
+        std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    async fn wait(&self) {
+        self.notify.notified().await
+    }
+}

@@ -1,0 +1,395 @@
+//! Multi-node behaviour with real node processes on loopback: placement,
+//! replication, failover reads, repair, index convergence, refusal of
+//! foreign nodes, write quorum, dedup across gateways.
+
+mod common;
+
+use std::{collections::HashMap, path::PathBuf, time::Duration};
+
+use common::*;
+use dfs::crypto::ChunkId;
+use tonic::Code;
+
+/// Liveness and repair timings short enough for tests.
+const FAST: &[&str] = &[
+    "--dead-after",
+    "2s",
+    "--repair-interval",
+    "1s",
+    "--sync-interval",
+    "2s",
+];
+
+/// A cluster of `n` nodes sharing one key, each knowing the first node.
+struct TestCluster {
+    nodes: Vec<TestNode>,
+    key_file: PathBuf,
+    _key_dir: tempfile::TempDir,
+}
+
+impl TestCluster {
+    async fn start(n: usize, replicas: usize, extra: &[&str]) -> Self {
+        let key_dir = tempfile::tempdir().unwrap();
+        let key_file = write_key_file(&key_dir.path().join("cluster.key"), 42);
+        let r = replicas.to_string();
+        let mut base: Vec<&str> = vec![
+            "--cluster-key-file",
+            key_file.to_str().unwrap(),
+            "--replicas",
+            &r,
+        ];
+        base.extend_from_slice(FAST);
+        base.extend_from_slice(extra);
+        let first = TestNode::start(&base).await;
+        let seed = first.p2p_addr().await;
+        let mut nodes = vec![first];
+        for _ in 1..n {
+            let mut args = base.clone();
+            args.extend_from_slice(&["--peer", &seed]);
+            nodes.push(TestNode::start(&args).await);
+        }
+        let cluster = Self {
+            nodes,
+            key_file,
+            _key_dir: key_dir,
+        };
+        cluster.wait_members_up(n).await;
+        cluster
+    }
+
+    /// Waits until every running node sees `n - 1` peers up.
+    async fn wait_members_up(&self, n: usize) {
+        for _ in 0..200 {
+            let mut all = true;
+            for node in self.nodes.iter().filter(|n| n.is_running()) {
+                let up = node
+                    .status()
+                    .await
+                    .members
+                    .iter()
+                    .filter(|m| m.state == "up")
+                    .count();
+                all &= up == n - 1;
+            }
+            if all {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "members did not all come up; log of node 0:\n{}",
+            self.nodes[0].log()
+        );
+    }
+
+    /// Copies of each chunk on the running nodes' disks (a dead node's disk
+    /// does not count).
+    fn copies(&self, data: &[u8]) -> Vec<usize> {
+        chunk_ids(&self.key_file, data)
+            .iter()
+            .map(|id| self.holders(id).len())
+            .collect()
+    }
+
+    fn holders(&self, id: &ChunkId) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|i| self.nodes[*i].is_running())
+            .filter(|i| chunk_path(&self.nodes[*i].data_dir(), id).is_file())
+            .collect()
+    }
+
+    /// Waits until every chunk of `data` has exactly `want` copies.
+    async fn wait_copies(&self, data: &[u8], want: usize, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let copies = self.copies(data);
+            if copies.iter().all(|c| *c == want) {
+                return;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!(
+                    "copies per chunk {copies:?}, wanted {want} each; log of node 0:\n{}",
+                    self.nodes[0].log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+async fn put(node: &TestNode, key: &str, data: &[u8]) {
+    upload(&mut node.storage().await, key, data, 100_000)
+        .await
+        .unwrap_or_else(|e| panic!("upload {key}: {e}"));
+}
+
+async fn get(node: &TestNode, key: &str) -> Result<Vec<u8>, tonic::Status> {
+    download(&mut node.storage().await, key_request(key, 0, 0))
+        .await
+        .map(|(_, b)| b)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_chunk_has_r_copies_on_distinct_nodes_and_reads_work_through_every_node() {
+    let c = TestCluster::start(3, 2, &[]).await;
+    let data = pseudo_random(1, 40 * CHUNK + 77);
+    put(&c.nodes[0], "big", &data).await;
+    let copies = c.copies(&data);
+    assert!(
+        copies.iter().all(|n| *n == 2),
+        "copies per chunk right after the upload: {copies:?}"
+    );
+    // Read-your-write through every other node.
+    for node in &c.nodes {
+        assert_eq!(get(node, "big").await.unwrap(), data);
+    }
+    // Placement spreads chunks over all three nodes.
+    let ids = chunk_ids(&c.key_file, &data);
+    let mut per_node: HashMap<usize, usize> = HashMap::new();
+    for id in &ids {
+        for h in c.holders(id) {
+            *per_node.entry(h).or_default() += 1;
+        }
+    }
+    assert_eq!(per_node.len(), 3, "{per_node:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn any_single_node_can_die_and_every_survivor_serves_everything() {
+    let mut c = TestCluster::start(3, 2, &[]).await;
+    let data = pseudo_random(2, 30 * CHUNK + 5);
+    put(&c.nodes[1], "obj", &data).await;
+    for victim in 0..3 {
+        c.nodes[victim].kill9();
+        for (i, node) in c.nodes.iter().enumerate().filter(|(i, _)| *i != victim) {
+            let got = get(node, "obj")
+                .await
+                .unwrap_or_else(|e| panic!("via node {i} with {victim} dead: {e}"));
+            assert_eq!(got, data, "via node {i} with node {victim} dead");
+        }
+        c.nodes[victim].launch().await;
+        c.wait_members_up(3).await;
+    }
+}
+
+async fn repair_then_second_death(n: usize, r: usize) {
+    let mut c = TestCluster::start(n, r, &[]).await;
+    let data = pseudo_random(3, 24 * CHUNK);
+    put(&c.nodes[0], "obj", &data).await;
+    c.wait_copies(&data, r, Duration::from_secs(5)).await;
+    c.nodes[n - 1].kill9();
+    // Back to R copies among the survivors without anyone acting.
+    c.wait_copies(&data, r, Duration::from_secs(30)).await;
+    c.nodes[n - 2].kill9();
+    let got = get(&c.nodes[0], "obj")
+        .await
+        .expect("download after a second death");
+    assert_eq!(got, data);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn repair_restores_two_copies_and_a_second_death_loses_nothing() {
+    repair_then_second_death(3, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn repair_restores_three_copies_and_a_second_death_loses_nothing() {
+    repair_then_second_death(4, 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_returning_node_gets_its_surplus_copies_dropped() {
+    let mut c = TestCluster::start(3, 2, &[]).await;
+    let data = pseudo_random(4, 20 * CHUNK);
+    put(&c.nodes[0], "obj", &data).await;
+    c.nodes[2].kill9();
+    c.wait_copies(&data, 2, Duration::from_secs(30)).await;
+    c.nodes[2].launch().await;
+    c.wait_members_up(3).await;
+    // Copies move back to the rightful owners and the temporary ones go.
+    c.wait_copies(&data, 2, Duration::from_secs(30)).await;
+    for node in &c.nodes {
+        assert_eq!(get(node, "obj").await.unwrap(), data);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_peer_killed_mid_download_does_not_break_the_stream() {
+    let mut c = TestCluster::start(3, 2, &[]).await;
+    let data = pseudo_random(5, 120 * CHUNK);
+    put(&c.nodes[0], "big", &data).await;
+    let mut storage = c.nodes[0].storage().await;
+    let mut stream = storage
+        .download(key_request("big", 0, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = Vec::new();
+    let mut killed = false;
+    while let Some(msg) = stream.message().await.expect("stream continues") {
+        if let Some(dfs::proto::download_response::Msg::Data(d)) = msg.msg {
+            got.extend_from_slice(&d);
+            if !killed && got.len() > data.len() / 4 {
+                c.nodes[1].kill9();
+                killed = true;
+            }
+        }
+    }
+    assert!(killed);
+    assert_eq!(got, data);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn indexes_converge_after_a_restart_including_deletes_made_while_down() {
+    let mut c = TestCluster::start(3, 2, &[]).await;
+    let a = pseudo_random(6, 3 * CHUNK);
+    put(&c.nodes[0], "keep", &a).await;
+    put(&c.nodes[0], "gone", &a[..CHUNK]).await;
+    c.nodes[2].kill9();
+    c.nodes[0]
+        .storage()
+        .await
+        .delete(dfs::proto::DeleteRequest { key: "gone".into() })
+        .await
+        .unwrap();
+    put(&c.nodes[1], "new", &a[CHUNK..]).await;
+    c.nodes[2].launch().await;
+    c.wait_members_up(3).await;
+    // Node 2's own index (List answers locally) converges.
+    let mut keys = Vec::new();
+    for _ in 0..100 {
+        let list = c.nodes[2]
+            .storage()
+            .await
+            .list(dfs::proto::ListRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        keys = list
+            .objects
+            .iter()
+            .map(|o| o.key.clone())
+            .collect::<Vec<_>>();
+        if keys == ["keep", "new"] {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(keys, ["keep", "new"]);
+    assert_code(
+        stat_key(&mut c.nodes[2].storage().await, "gone").await,
+        Code::NotFound,
+        "deleted while down",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_with_a_foreign_secret_is_refused() {
+    let c = TestCluster::start(2, 2, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let other_key = write_key_file(&dir.path().join("other.key"), 7);
+    let seed = c.nodes[0].p2p_addr().await;
+    let mut args = vec![
+        "--cluster-key-file",
+        other_key.to_str().unwrap(),
+        "--peer",
+        &seed,
+    ];
+    args.extend_from_slice(FAST);
+    let stranger = TestNode::start(&args).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let seen = stranger
+        .status()
+        .await
+        .members
+        .iter()
+        .filter(|m| m.state == "up")
+        .count();
+    assert_eq!(seen, 0, "the stranger joined nobody");
+    assert_eq!(
+        c.nodes[0].status().await.members.len(),
+        2,
+        "the cluster did not add the stranger"
+    );
+    let logs = format!("{}{}", c.nodes[0].log(), stranger.log());
+    assert!(
+        logs.contains("different cluster secret"),
+        "a log line says why:\n{logs}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_peer_frames_close_only_their_connection() {
+    use tokio::io::AsyncWriteExt;
+    let c = TestCluster::start(2, 2, &[]).await;
+    let addr = c.nodes[0].p2p_addr().await;
+    let attacks: Vec<Vec<u8>> = vec![
+        b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+        vec![9, 0, 0, 0, 1, 0],                // unknown frame kind
+        vec![1, 0xff, 0xff, 0xff, 0xff],       // oversized length
+        vec![1, 0, 0, 0, 3, 0xff, 0xff, 0xff], // bad protobuf
+        vec![1, 0, 0, 0, 50, 1, 2],            // EOF mid-frame
+    ];
+    for bytes in attacks {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let _ = s.write_all(&bytes).await;
+        let _ = s.shutdown().await;
+    }
+    // The node still replicates and serves.
+    let data = pseudo_random(8, 5 * CHUNK);
+    put(&c.nodes[0], "after", &data).await;
+    assert_eq!(c.copies(&data), vec![2; 5]);
+    assert_eq!(get(&c.nodes[1], "after").await.unwrap(), data);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn too_few_live_owners_fail_with_unavailable_and_store_no_object() {
+    let mut c = TestCluster::start(3, 3, &[]).await;
+    c.nodes[1].kill9();
+    c.nodes[2].kill9();
+    // Wait until node 0 has noticed both deaths.
+    for _ in 0..100 {
+        if c.nodes[0]
+            .status()
+            .await
+            .members
+            .iter()
+            .all(|m| m.state != "up")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let data = pseudo_random(9, 3 * CHUNK);
+    let result = upload(&mut c.nodes[0].storage().await, "lonely", &data, 100_000).await;
+    assert_code(
+        result,
+        Code::Unavailable,
+        "one live node of three, majority is two",
+    );
+    assert_code(
+        stat_key(&mut c.nodes[0].storage().await, "lonely").await,
+        Code::NotFound,
+        "no object",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_content_through_two_gateways_is_stored_once_per_owner() {
+    let c = TestCluster::start(3, 2, &[]).await;
+    let data = pseudo_random(10, 16 * CHUNK);
+    let (a, b) = tokio::join!(
+        put(&c.nodes[0], "via-a", &data),
+        put(&c.nodes[1], "via-b", &data)
+    );
+    let _ = (a, b);
+    assert!(
+        c.copies(&data).iter().all(|n| *n == 2),
+        "{:?}",
+        c.copies(&data)
+    );
+    for node in &c.nodes {
+        assert_eq!(get(node, "via-a").await.unwrap(), data);
+        assert_eq!(get(node, "via-b").await.unwrap(), data);
+    }
+}
