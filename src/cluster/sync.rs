@@ -5,7 +5,10 @@ use std::{collections::HashSet, sync::Arc, time::Duration};
 use tokio::sync::watch;
 
 use super::{Cluster, SYNC_PAGE};
-use crate::proto::{IndexSync, PeerMessage, Ping, peer_message::Kind};
+use crate::{
+    p2p::{HandshakeError, P2pError},
+    proto::{IndexSync, PeerMessage, Ping, peer_message::Kind},
+};
 
 /// Waits for `d`, or returns false at once if shutdown was signalled.
 pub(super) async fn sleep_or_stop(d: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
@@ -35,12 +38,14 @@ impl Cluster {
                 });
             }
             while let Some(done) = pings.join_next().await {
-                if let Ok((addr, Err(e))) = done {
-                    if e.contains("itself") || e.contains("own node id") {
+                match done {
+                    Ok((addr, Err(PingError::Myself))) => {
                         self_addrs.insert(addr);
-                    } else {
+                    }
+                    Ok((addr, Err(PingError::Failed(e)))) => {
                         tracing::debug!(addr = %addr, error = %e, "ping failed");
                     }
+                    _ => {}
                 }
             }
             for id in self.membership.expire() {
@@ -79,8 +84,10 @@ impl Cluster {
         targets
     }
 
-    async fn ping(&self, addr: &str) -> Result<(), String> {
-        let pool = self.pool().ok_or("not started")?;
+    async fn ping(&self, addr: &str) -> Result<(), PingError> {
+        let pool = self
+            .pool()
+            .ok_or_else(|| PingError::Failed("not started".into()))?;
         let (chunk_count, bytes_stored) = self.store.usage();
         let msg = PeerMessage {
             has_body: false,
@@ -90,15 +97,21 @@ impl Cluster {
                 bytes_stored,
             })),
         };
-        let reply = pool
-            .request(addr, msg, None)
-            .await
-            .map_err(|e| e.to_string())?;
+        let reply = pool.request(addr, msg, None).await.map_err(|e| match e {
+            P2pError::Handshake(HandshakeError::SelfConnection(_)) => PingError::Myself,
+            // The acceptor side of a self-connection refuses it first.
+            P2pError::Handshake(HandshakeError::Rejected(r)) if r.contains("ourselves") => {
+                PingError::Myself
+            }
+            other => PingError::Failed(other.to_string()),
+        })?;
         if reply.peer.node_id == self.node_id {
-            return Err("connected to itself".into());
+            return Err(PingError::Myself);
         }
         let Some(Kind::Pong(pong)) = reply.msg.kind else {
-            return Err("answered a ping with something else".into());
+            return Err(PingError::Failed(
+                "answered a ping with something else".into(),
+            ));
         };
         let change = self.membership.observe(
             &reply.peer.node_id,
@@ -187,6 +200,13 @@ impl Cluster {
             after = last;
         }
     }
+}
+
+/// Why a ping got no answer.
+enum PingError {
+    /// The address is this node's own (a bootstrap list names every node).
+    Myself,
+    Failed(String),
 }
 
 /// Addresses waiting for an immediate index pull.
