@@ -131,6 +131,15 @@ impl Keys {
         }
     }
 
+    /// A short public fingerprint of the keys, stored in a node's index so a
+    /// node started with another cluster's key refuses to start instead of
+    /// failing (and quarantining) every chunk it reads. Reveals nothing
+    /// usable: it is a keyed hash of a constant.
+    pub fn fingerprint(&self) -> u64 {
+        let id = self.chunk_id(b"dfs key fingerprint v1");
+        u64::from_be_bytes(id.0[..8].try_into().expect("20-byte id"))
+    }
+
     /// The key for the peer handshake's HMAC-SHA256.
     pub fn auth_key(&self) -> &[u8; 32] {
         &self.auth

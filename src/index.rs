@@ -38,6 +38,7 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const REPAIR_QUEUE: TableDefinition<&[u8], (u32, u64)> = TableDefinition::new("repair_queue");
 const META_HLC: &str = "hlc";
 const META_LIVE: &str = "live_objects";
+const META_KEY_FINGERPRINT: &str = "key_fingerprint";
 
 /// Bits of a clock reading that hold the logical counter; the rest are
 /// milliseconds since the Unix epoch.
@@ -377,6 +378,22 @@ impl Index {
         let txn = self.db.begin_read()?;
         let refs = txn.open_table(CHUNK_REFS)?;
         Ok(refs.get(id.0.as_slice())?.map(|v| v.value()).unwrap_or(0))
+    }
+
+    /// Records the cluster key's fingerprint on first use; afterwards checks
+    /// it. Returns the stored fingerprint when it differs.
+    pub fn check_key_fingerprint(&self, fingerprint: u64) -> Result<Option<u64>, IndexError> {
+        let txn = self.db.begin_write()?;
+        let stored = {
+            let mut meta = txn.open_table(META)?;
+            let stored = meta.get(META_KEY_FINGERPRINT)?.map(|v| v.value());
+            if stored.is_none() {
+                meta.insert(META_KEY_FINGERPRINT, fingerprint)?;
+            }
+            stored
+        };
+        txn.commit()?;
+        Ok(stored.filter(|s| *s != fingerprint))
     }
 
     /// Number of live objects.

@@ -202,23 +202,38 @@ async fn node_uses_the_cluster_key_file_it_is_given() {
     }
     assert!(node.sigterm().await.success());
 
-    // A second node on a copy of the data, with a different key, must not
-    // return garbage.
+    // A second node on a copy of the data, with a different key, must
+    // refuse to start (the index remembers the key's fingerprint) rather
+    // than serve garbage or quarantine every chunk it tries to read.
     let other_key = write_key_file(&keys.path().join("k2"), 11);
-    let mut impostor = TestNode::new(&["--cluster-key-file", other_key.to_str().unwrap()]);
+    let impostor = TestNode::new(&[]);
     copy_dir(&node.data_dir(), &impostor.data_dir());
-    impostor.launch().await;
-    {
-        let mut storage = impostor.storage().await;
-        let info = stat_key(&mut storage, "keyed").await.unwrap();
-        assert_eq!(info.sha1, sha1_hex(&data), "the index itself is readable");
-        let d = download_partial(&mut storage, key_request("keyed", 0, 0)).await;
-        match d.end {
-            Err(s) => assert_eq!(s.code(), Code::DataLoss, "{s:?}"),
-            Ok(()) => panic!("a node with the wrong key served the object"),
-        }
-        assert!(d.bytes.is_empty(), "bytes delivered under the wrong key");
-    }
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        run_dfs(&[
+            "node",
+            "--data",
+            impostor.data_dir().to_str().unwrap(),
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--p2p-addr",
+            "127.0.0.1:0",
+            "--cluster-key-file",
+            other_key.to_str().unwrap(),
+        ]),
+    )
+    .await
+    .expect("the node refuses to start rather than serving");
+    assert!(!out.status.success(), "a node with the wrong key started");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("different cluster key"),
+        "unclear refusal: {err}"
+    );
+    assert!(
+        files_under(&impostor.data_dir().join("quarantine")).is_empty(),
+        "nothing was quarantined"
+    );
 
     // The original node, with its key, still reads its (untouched) data.
     node.launch().await;

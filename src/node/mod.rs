@@ -180,6 +180,15 @@ impl Node {
         let store = Arc::new(ChunkStore::open(dir, cfg.capacity)?);
         let index = Arc::new(Index::open(&dir.join("index.redb"))?);
         let keys = Keys::derive(&secret);
+        if let Some(stored) = index.check_key_fingerprint(keys.fingerprint())? {
+            return Err(NodeError::InvalidArgument(format!(
+                "{} was written with a different cluster key (fingerprint {stored:016x}, this \
+                 key's is {:016x}); refusing to start: every chunk would fail verification. \
+                 Start with the cluster key this data directory was written with.",
+                dir.display(),
+                keys.fingerprint()
+            )));
+        }
         let cluster = Arc::new(Cluster::new(
             id.clone(),
             cfg.cluster.clone(),
