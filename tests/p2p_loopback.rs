@@ -687,4 +687,41 @@ mod p2p_loopback {
         let result = pool.request(&addr, ping(&[]), None).await;
         assert!(matches!(result, Err(P2pError::Io(_))), "{result:?}");
     }
+
+    #[tokio::test]
+    async fn a_reused_connection_closed_by_the_peer_is_retried_once_on_a_new_one() {
+        let keys = keys();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server_keys = keys.clone();
+        // Connection 1 answers one request, then takes the next one and
+        // closes without a reply (a close racing the reuse); connection 2
+        // answers normally.
+        let server = tokio::spawn(async move {
+            let mut answered = 0;
+            for first_conn in [true, false] {
+                let (stream, remote) = listener.accept().await.unwrap();
+                let mut conn = Connection::new(stream);
+                let me = identity("server");
+                handshake::accept(&mut conn, &me, &server_keys, Duration::from_secs(2), remote)
+                    .await
+                    .unwrap();
+                conn.read_message(1024).await.unwrap().unwrap();
+                let mut pong = PeerMessage {
+                    has_body: false,
+                    kind: Some(Kind::Pong(Pong::default())),
+                };
+                conn.write_message(&mut pong, None).await.unwrap();
+                answered += 1;
+                if first_conn {
+                    conn.read_message(1024).await.unwrap().unwrap();
+                }
+            }
+            answered
+        });
+        let pool = PeerPool::new(identity("client"), keys, quick_limits());
+        pool.request(&addr, ping(&[]), None).await.unwrap();
+        pool.request(&addr, ping(&[]), None).await.unwrap();
+        assert_eq!(server.await.unwrap(), 2);
+    }
 }

@@ -68,7 +68,9 @@ impl PeerPool {
     /// connection to `addr`, or a new one (at most `per_peer_connections`
     /// open per address; waits for one otherwise). The whole exchange,
     /// waiting included, is bounded by `request_timeout`. A connection that
-    /// saw any error is dropped, never reused.
+    /// saw any error is dropped, never reused; if that connection was a
+    /// reused idle one the peer had closed, the request is sent once more
+    /// on a new connection (peer requests are idempotent).
     pub async fn request(
         &self,
         addr: &str,
@@ -110,42 +112,48 @@ impl PeerPool {
             .acquire_owned()
             .await
             .map_err(|_| P2pError::Closed)?;
-        let (mut conn, peer) = match self.take_idle(&slots) {
-            Some(idle) => idle,
-            None => self.connect(addr).await?,
-        };
-        let limits = &self.inner.limits;
-        let result = async {
-            conn.write_message(&mut msg, body.as_ref()).await?;
-            conn.read_message(limits.max_body)
-                .await?
-                .ok_or(P2pError::Closed)
-        }
-        .await;
-        match result {
-            Ok(reply) => {
-                lock(&slots.idle).push(IdleConnection {
-                    conn,
-                    peer: peer.clone(),
-                    since: Instant::now(),
-                });
-                Ok(Reply {
-                    msg: reply.msg,
-                    body: reply.body,
-                    peer,
-                })
+        let mut reused = self.take_idle(&slots);
+        loop {
+            let was_idle = reused.is_some();
+            let (mut conn, peer) = match reused.take() {
+                Some(idle) => idle,
+                None => self.connect(addr).await?,
+            };
+            let max_body = self.inner.limits.max_body;
+            let result = async {
+                conn.write_message(&mut msg, body.as_ref()).await?;
+                conn.read_message(max_body).await?.ok_or(P2pError::Closed)
             }
-            Err(e) => {
-                debug!(%addr, node = %peer.node_id, "peer request failed: {e}");
-                if e.is_protocol_violation() {
-                    // Tell the peer why, off the caller's path.
-                    let reason = e.wire_reason();
-                    tokio::spawn(async move {
-                        let _ = conn.send_error(&reason).await;
+            .await;
+            let e = match result {
+                Ok(reply) => {
+                    lock(&slots.idle).push(IdleConnection {
+                        conn,
+                        peer: peer.clone(),
+                        since: Instant::now(),
+                    });
+                    return Ok(Reply {
+                        msg: reply.msg,
+                        body: reply.body,
+                        peer,
                     });
                 }
-                Err(e)
+                Err(e) => e,
+            };
+            debug!(%addr, node = %peer.node_id, "peer request failed: {e}");
+            if was_idle && closed_under_us(&e) {
+                // The peer closed this idle connection (its idle timeout)
+                // just before we used it; one fresh connection settles it.
+                continue;
             }
+            if e.is_protocol_violation() {
+                // Tell the peer why, off the caller's path.
+                let reason = e.wire_reason();
+                tokio::spawn(async move {
+                    let _ = conn.send_error(&reason).await;
+                });
+            }
+            return Err(e);
         }
     }
 
@@ -232,6 +240,22 @@ impl PeerPool {
             };
         }
         Err(last_error)
+    }
+}
+
+/// True for the ways a connection the peer had already closed fails: EOF
+/// before any reply, or a reset. Retrying such a request once on a new
+/// connection is safe because peer requests are idempotent (chunks are
+/// content-addressed, index updates are last-writer-wins, the rest read).
+fn closed_under_us(e: &P2pError) -> bool {
+    use std::io::ErrorKind;
+    match e {
+        P2pError::Closed => true,
+        P2pError::Io(io) => matches!(
+            io.kind(),
+            ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted
+        ),
+        _ => false,
     }
 }
 
