@@ -134,8 +134,7 @@ impl ChunkStore {
 
     /// Where a chunk lives: `chunks/ab/cd/<40 hex>`.
     pub fn path_of(&self, id: &ChunkId) -> PathBuf {
-        let hex = id.to_hex();
-        self.chunks.join(&hex[0..2]).join(&hex[2..4]).join(hex)
+        self.chunks.join(shard_path(id))
     }
 
     /// Directory of in-progress writes.
@@ -373,6 +372,12 @@ impl ChunkStore {
             self.bytes_stored.load(Ordering::Relaxed),
         )
     }
+}
+
+/// A chunk's path below `chunks/`: `ab/cd/<40 hex>`.
+pub fn shard_path(id: &ChunkId) -> PathBuf {
+    let hex = id.to_hex();
+    PathBuf::from(&hex[0..2]).join(&hex[2..4]).join(hex)
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {

@@ -43,10 +43,22 @@ pub struct BenchArgs {
     /// Bytes written by the disk test
     #[arg(long, default_value = "512MiB", value_parser = parse_size)]
     pub disk_test_size: u64,
+    /// Nodes to start: 1 benchmarks a single node; more start a local cluster
+    /// and add CPU per GiB, every node's peak RSS and a repair measurement
+    #[arg(long, default_value_t = 1)]
+    pub nodes: usize,
+    /// Replicas (R) for a multi-node bench
+    #[arg(long, default_value_t = 3)]
+    pub replicas: usize,
+    /// Bytes stored before one node is killed to measure repair (multi-node; 0 skips it)
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    pub repair_size: u64,
     /// Extra flags for the bench node (e.g. "--chunk-size 8MiB")
     #[arg(long, allow_hyphen_values = true, default_value = "")]
     pub node_args: String,
 }
+
+mod cluster;
 
 /// The machine's own limits, measured on one core.
 struct MachineLimits {
@@ -102,6 +114,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         format_size(args.disk_test_size)
     );
 
+    if args.nodes > 1 {
+        return cluster::run(&args, &limits, scratch.path()).await;
+    }
     let mut child = None;
     let addr = match &args.node {
         Some(a) => a.clone(),

@@ -588,10 +588,5 @@ pub fn chunk_ids(key_file: &Path, data: &[u8]) -> Vec<dfs::crypto::ChunkId> {
 
 /// Where a node keeps a chunk: `<data>/chunks/ab/cd/<hex>`.
 pub fn chunk_path(data_dir: &Path, id: &dfs::crypto::ChunkId) -> PathBuf {
-    let hex = id.to_hex();
-    data_dir
-        .join("chunks")
-        .join(&hex[0..2])
-        .join(&hex[2..4])
-        .join(hex)
+    data_dir.join("chunks").join(dfs::store::shard_path(id))
 }
