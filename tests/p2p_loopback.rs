@@ -374,8 +374,8 @@ mod p2p_loopback {
         let server = start(keys.clone(), quick_limits(), TestHandler::default()).await;
         let pool = PeerPool::new(identity("server"), keys, quick_limits());
         match pool.request(&server.addr, ping(&[]), None).await {
-            Err(P2pError::Handshake(HandshakeError::Rejected(reason))) => {
-                assert!(reason.contains("ourselves"), "{reason}")
+            Err(P2pError::Handshake(HandshakeError::SelfConnection(id))) => {
+                assert_eq!(id, "server")
             }
             other => panic!("{other:?}"),
         }

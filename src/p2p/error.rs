@@ -136,7 +136,8 @@ pub enum HandshakeError {
     /// reports this failure in its ERROR frame.
     #[error("{AUTH_FAILED_REASON}")]
     AuthFailed,
-    /// The peer announced our own node id: we dialed ourselves.
+    /// The peer announced our own node id: we dialed ourselves. Also raised
+    /// on the dialer when the acceptor reports this in its ERROR frame.
     #[error("refusing a connection to ourselves (node id {0})")]
     SelfConnection(String),
     /// A message of the wrong kind or with malformed fields.

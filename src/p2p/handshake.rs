@@ -147,8 +147,9 @@ async fn send<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Reads the next MESSAGE payload. An ERROR frame here is the peer refusing
-/// the handshake; its reason is kept, and the authentication failure the
-/// acceptor reports is recognised as such.
+/// the handshake; its reason is kept, and the authentication failure and
+/// self-connection the acceptor reports are recognised as such, so that a
+/// dialer gets the same typed error as the acceptor.
 async fn read_payload<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
 ) -> Result<Bytes, P2pError> {
@@ -157,7 +158,10 @@ async fn read_payload<S: AsyncRead + AsyncWrite + Unpin>(
         Some(Frame::Error(reason)) if reason == AUTH_FAILED_REASON => {
             Err(HandshakeError::AuthFailed.into())
         }
-        Some(Frame::Error(reason)) => Err(HandshakeError::Rejected(reason).into()),
+        Some(Frame::Error(reason)) => match self_connection_id(&reason) {
+            Some(id) => Err(HandshakeError::SelfConnection(id).into()),
+            None => Err(HandshakeError::Rejected(reason).into()),
+        },
         Some(other) => Err(P2pError::UnexpectedFrame {
             expected: "MESSAGE",
             got: other.kind(),
@@ -204,6 +208,12 @@ fn expect_hello(payload: Bytes, own_node_id: &str) -> Result<Hello, P2pError> {
         return Err(HandshakeError::SelfConnection(hello.node_id).into());
     }
     Ok(hello)
+}
+
+/// The node id in an acceptor's self-connection refusal, if `reason` is one.
+fn self_connection_id(reason: &str) -> Option<String> {
+    let rest = reason.strip_prefix("refusing a connection to ourselves (node id ")?;
+    rest.strip_suffix(')').map(str::to_owned)
 }
 
 fn expect_auth(payload: Bytes) -> Result<Bytes, P2pError> {
@@ -259,6 +269,13 @@ mod tests {
     fn transcript_is_label_then_length_prefixed_hellos() {
         let t = transcript(b"ab", b"xyz");
         assert_eq!(t, b"dfs-peer-auth-v1\0\0\0\x02ab\0\0\0\x03xyz".to_vec());
+    }
+
+    #[test]
+    fn a_self_connection_refusal_is_recognised_from_its_reason() {
+        let reason = HandshakeError::SelfConnection("node-7".into()).to_string();
+        assert_eq!(self_connection_id(&reason).as_deref(), Some("node-7"));
+        assert_eq!(self_connection_id("something else"), None);
     }
 
     #[test]
