@@ -11,6 +11,7 @@ pub mod config;
 pub mod crypto;
 pub mod grpc;
 pub mod index;
+pub mod metrics;
 pub mod node;
 pub mod p2p;
 pub mod store;

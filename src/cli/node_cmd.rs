@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 use clap::{Args, ValueEnum};
 
 use super::{duration_arg, size_arg};
-use crate::{config::NodeConfig, grpc, node::Node};
+use crate::{cluster::MemberState, config::NodeConfig, grpc, metrics, node::Node};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum LogFormat {
@@ -86,9 +86,23 @@ pub struct NodeArgs {
     /// Write the bound gRPC address to this file once serving
     #[arg(long, env = "DFS_ADDR_FILE", value_name = "PATH")]
     pub addr_file: Option<PathBuf>,
+    /// Boxed: keeps `dfs node`'s arguments from dwarfing the other commands'.
+    #[command(flatten)]
+    pub metrics: Box<MetricsArgs>,
     /// How long in-flight requests may run after SIGTERM
     #[arg(long, env = "DFS_SHUTDOWN_GRACE", default_value = "30s", value_parser = duration_arg)]
     pub shutdown_grace: Duration,
+}
+
+/// The Prometheus endpoint's flags.
+#[derive(Args, Debug)]
+pub struct MetricsArgs {
+    /// Serve Prometheus metrics on http://ADDR/metrics (default: off; port 0: any free port)
+    #[arg(long, env = "DFS_METRICS_ADDR", value_name = "ADDR")]
+    pub metrics_addr: Option<String>,
+    /// Write the bound metrics address to this file once serving
+    #[arg(long, env = "DFS_METRICS_ADDR_FILE", value_name = "PATH")]
+    pub metrics_addr_file: Option<PathBuf>,
 }
 
 pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
@@ -142,6 +156,12 @@ pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         node.cluster().start(stop_rx.clone()).await?;
         tokio::spawn(gc_loop(node.clone()));
+        if let Some(addr) = &args.metrics.metrics_addr {
+            let sampler = node_gauges(node.clone());
+            let file = args.metrics.metrics_addr_file.as_deref();
+            let server = metrics::MetricsServer::start(addr, file, sampler).await?;
+            tracing::info!(metrics = %server.local_addr(), "serving Prometheus metrics at /metrics");
+        }
         let opts = grpc::ServeOptions {
             grpc_addr: args.grpc_addr,
             p2p_addr: node.cluster().advertised_addr().to_owned(),
@@ -156,6 +176,24 @@ pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
         grpc::serve(node, opts, shutdown).await?;
         tracing::info!("node stopped");
         Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Samples the node's state for the metrics gauges at each scrape.
+fn node_gauges(node: Arc<Node>) -> metrics::Sampler {
+    Arc::new(move || {
+        let (chunks, bytes) = node.store().usage();
+        let peers = node.cluster().peers();
+        let up = peers.iter().filter(|m| m.state == MemberState::Up).count() as u64;
+        metrics::NodeGauges {
+            chunks,
+            bytes,
+            objects: node.index().live_objects().ok(),
+            members_up: up,
+            members_down: peers.len() as u64 - up,
+            repair_backlog: node.cluster().repair_backlog(),
+            peak_rss: grpc::peak_rss_bytes(),
+        }
     })
 }
 

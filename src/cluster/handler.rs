@@ -89,8 +89,10 @@ impl PeerHandler for PeerService {
                 let result = tokio::task::spawn_blocking(move || {
                     // Verify before the chunk becomes durable: a bad copy
                     // must never count as a replica.
-                    keys.verify_sealed(&sealed, &id)
-                        .map_err(|e| (code::DATA_LOSS, format!("refused chunk {id}: {e}")))?;
+                    keys.verify_sealed(&sealed, &id).map_err(|e| {
+                        crate::metrics::verification_failed(crate::metrics::BadCopy::Incoming);
+                        (code::DATA_LOSS, format!("refused chunk {id}: {e}"))
+                    })?;
                     store.put(&id, &sealed).map_err(|e| match e {
                         StoreError::DiskFull(m) => (code::RESOURCE_EXHAUSTED, m),
                         other => (code::INTERNAL, other.to_string()),
@@ -202,6 +204,7 @@ impl Cluster {
         let result = tokio::task::spawn_blocking(move || {
             let sealed = store.read(&id, max)?;
             if let Err(e) = keys.verify_sealed(&sealed, &id) {
+                crate::metrics::verification_failed(crate::metrics::BadCopy::Local);
                 let _ = store.quarantine(&id);
                 tracing::error!(chunk = %id, error = %e, "local chunk failed verification; moved to quarantine");
                 return Err(StoreError::Corrupt { id, reason: e.to_string() });

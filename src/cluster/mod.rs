@@ -269,8 +269,14 @@ impl Cluster {
                 break;
             };
             match done {
-                Ok((member, Ok(()))) => holders.push(member),
+                Ok((member, Ok(()))) => {
+                    if member != self.node_id {
+                        crate::metrics::replicated();
+                    }
+                    holders.push(member)
+                }
                 Ok((member, Err(e))) => {
+                    crate::metrics::replica_failed();
                     if let ClusterError::DiskFull(msg) = &e {
                         disk_full.get_or_insert(msg.clone());
                     }
@@ -349,6 +355,9 @@ impl Cluster {
                         match verified {
                             Ok(()) => return Ok(body),
                             Err(e) => {
+                                crate::metrics::verification_failed(
+                                    crate::metrics::BadCopy::Fetched,
+                                );
                                 tracing::warn!(chunk = %id, member = %member, error = %e, "peer sent a chunk that does not verify");
                                 reasons.push(format!("{member}: {e}"));
                             }

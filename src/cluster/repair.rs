@@ -242,7 +242,10 @@ impl Cluster {
                     .put_on(owner, plan.id, sealed.clone())
                     .await
                 {
-                    Ok(()) => totals.0 += 1,
+                    Ok(()) => {
+                        totals.0 += 1;
+                        crate::metrics::repaired(crate::metrics::RepairAction::Push);
+                    }
                     Err(e) => {
                         tracing::debug!(chunk = %plan.id, owner = %owner, error = %e, "repair push failed");
                         ok = false;
@@ -260,6 +263,7 @@ impl Cluster {
             .await;
             if matches!(removed, Ok(Ok(true))) {
                 totals.2 += 1;
+                crate::metrics::repaired(crate::metrics::RepairAction::Drop);
             }
         }
         ok
@@ -274,6 +278,7 @@ impl Cluster {
                 let ok = matches!(stored, Ok(Ok(_)));
                 if ok {
                     totals.1 += 1;
+                    crate::metrics::repaired(crate::metrics::RepairAction::Pull);
                 }
                 ok
             }

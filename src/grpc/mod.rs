@@ -149,6 +149,8 @@ pub async fn serve(
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .max_frame_size(1 << 20)
+        // Outermost, so calls the auth interceptor refuses are counted too.
+        .layer(crate::metrics::GrpcMetricsLayer::new(known_methods()))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -183,6 +185,22 @@ pub async fn serve(
         }
     }
     Ok(())
+}
+
+/// Every method this server answers, for the metrics layer's labels.
+fn known_methods() -> crate::metrics::KnownMethods {
+    crate::metrics::KnownMethods::from_descriptor_sets(&[
+        crate::proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+    ])
+    .with(
+        "grpc.reflection.v1.ServerReflection",
+        "ServerReflectionInfo",
+    )
+    .with(
+        "grpc.reflection.v1alpha.ServerReflection",
+        "ServerReflectionInfo",
+    )
 }
 
 fn write_addr_file(path: &std::path::Path, addr: &str) -> anyhow::Result<()> {

@@ -153,9 +153,11 @@ impl Node {
             let mut part = plain.slice(from..to);
             while !part.is_empty() {
                 let message = part.split_to(part.len().min(MESSAGE_BYTES));
+                let sent = message.len() as u64;
                 if tx.send(Ok(message)).await.is_err() {
                     return; // the client went away
                 }
+                crate::metrics::downloaded(sent);
             }
             drop(permit);
         }
@@ -210,6 +212,7 @@ impl Node {
             return NodeError::from(e);
         }
         if let StoreError::Corrupt { .. } = e {
+            crate::metrics::verification_failed(crate::metrics::BadCopy::Local);
             match self.store.quarantine(id) {
                 Ok(path) => tracing::error!(chunk = %id, error = %e, moved_to = %path.display(),
                     "chunk failed verification; moved to quarantine"),

@@ -145,6 +145,7 @@ impl Node {
             let Some(piece) = piece else { break };
             let mut piece = piece?;
             total += piece.len() as u64;
+            crate::metrics::uploaded(piece.len() as u64);
             while !piece.is_empty() {
                 let chunk = match buf.as_mut() {
                     Some(c) => c,
