@@ -2,7 +2,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all build demo test test-rust lint bench bench-small
+.PHONY: all build demo test test-rust lint bench bench-small deploy-check
 all: build
 
 build:
@@ -16,7 +16,7 @@ demo:
 ## Everything CI runs: formatting, clippy, the Rust unit and integration
 ## tests, then the Go/Python/TypeScript/grpcurl client suites against a live
 ## node, and a check that regenerating the clients changes nothing.
-test: lint test-rust clients-test clients-check-drift
+test: lint test-rust deploy-check clients-test clients-check-drift
 
 test-rust:
 	$(CARGO) test --all-targets
@@ -28,6 +28,25 @@ lint:
 	else \
 		echo "lint: clippy is not installed for this toolchain and no registry here provides it; SKIPPING the clippy step (tests still run)"; \
 	fi
+
+## Kubernetes manifests in deploy/kubernetes: strict schema validation with
+## kubernetes-validate (its wheel bundles the schemas: works offline once
+## installed), plus checks a schema cannot make (deploy/check.py). The
+## validator lives in a venv under target/ (git-ignored), pinned by
+## deploy/requirements-check.txt and reinstalled when that file changes.
+DEPLOY_VENV := target/deploy-check/venv
+
+$(DEPLOY_VENV)/installed: deploy/requirements-check.txt
+	rm -rf $(DEPLOY_VENV)
+	python3 -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/pip install --quiet --disable-pip-version-check -r deploy/requirements-check.txt
+	cp deploy/requirements-check.txt $@
+
+deploy-check: $(DEPLOY_VENV)/installed
+	$(CARGO) build --quiet
+	$(DEPLOY_VENV)/bin/python deploy/check.py \
+		--validator $(DEPLOY_VENV)/bin/kubernetes-validate \
+		--dfs-bin target/debug/dfs deploy/kubernetes
 
 ## Throughput and peak memory; figures go in docs/BENCHMARKS.md.
 bench:
