@@ -263,6 +263,19 @@ impl ChunkStore {
     /// without being read, so a foreign file cannot make the node allocate
     /// more than one chunk's worth. Blocking.
     pub fn read(&self, id: &ChunkId, max_len: usize) -> Result<Vec<u8>, StoreError> {
+        let mut buf = Vec::new();
+        self.read_into(id, max_len, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Like [`ChunkStore::read`], into a caller's (reused) buffer, which is
+    /// cleared first.
+    pub fn read_into(
+        &self,
+        id: &ChunkId,
+        max_len: usize,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), StoreError> {
         let path = self.path_of(id);
         let file = match File::open(&path) {
             Ok(f) => f,
@@ -279,11 +292,12 @@ impl ChunkStore {
                 reason: format!("file is {len} bytes, more than the largest chunk ({max_len})"),
             });
         }
-        let mut buf = Vec::with_capacity(len as usize);
+        buf.clear();
+        buf.reserve_exact(len as usize);
         file.take(max_len as u64 + 1)
-            .read_to_end(&mut buf)
+            .read_to_end(buf)
             .map_err(|e| StoreError::io("read", &path, e))?;
-        Ok(buf)
+        Ok(())
     }
 
     /// Moves a chunk that failed verification out of the way, keeping it for

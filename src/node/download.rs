@@ -112,8 +112,7 @@ impl Node {
     ) {
         let ids: Vec<ChunkId> = record.chunk_id_list().collect();
         let max_len = record.chunk_size as usize + IV_LEN;
-        let mut window: VecDeque<(ChunkId, usize, usize, JoinHandle<ReadResult>, _)> =
-            VecDeque::new();
+        let mut window: VecDeque<(ChunkId, usize, usize, JoinHandle<ReadResult>)> = VecDeque::new();
         let mut span = chunk_span(record.chunk_size.max(1) as u64, range);
         loop {
             while window.len() < READ_AHEAD {
@@ -132,10 +131,13 @@ impl Node {
                 };
                 let permit = self.budget.acquire(max_len).await;
                 let node = self.clone();
-                let read = tokio::spawn(async move { node.chunk_plaintext(id, max_len, to).await });
-                window.push_back((id, from, to, read, permit));
+                let read =
+                    tokio::spawn(
+                        async move { node.chunk_plaintext(id, max_len, to, permit).await },
+                    );
+                window.push_back((id, from, to, read));
             }
-            let Some((_id, from, to, read, permit)) = window.pop_front() else {
+            let Some((_id, from, to, read)) = window.pop_front() else {
                 return;
             };
             let plain = match read.await {
@@ -159,28 +161,41 @@ impl Node {
                 }
                 crate::metrics::downloaded(sent);
             }
-            drop(permit);
         }
     }
 
     /// A chunk's plaintext, verified, holding at least `needed` bytes: from
     /// the local store, or, when the local copy is missing or bad, from a
     /// peer (and then also put back locally if this node owns the chunk).
-    async fn chunk_plaintext(&self, id: ChunkId, max_len: usize, needed: usize) -> ReadResult {
+    ///
+    /// `permit` pays for the buffer; it is released when the last message
+    /// cut from the chunk has been sent.
+    async fn chunk_plaintext(
+        &self,
+        id: ChunkId,
+        max_len: usize,
+        needed: usize,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> ReadResult {
         let (store, keys) = (self.store.clone(), self.keys.clone());
+        let mut buf = self.budget.take_buffer(max_len);
         let local = tokio::task::spawn_blocking(move || {
-            let mut sealed = store.read(&id, max_len)?;
-            keys.open_in_place(&mut sealed, &id)
-                .map_err(|e| StoreError::Corrupt {
-                    id,
-                    reason: e.to_string(),
-                })?;
-            Ok::<_, StoreError>(sealed)
+            let result = store.read_into(&id, max_len, &mut buf).and_then(|()| {
+                keys.open_in_place(&mut buf, &id)
+                    .map_err(|e| StoreError::Corrupt {
+                        id,
+                        reason: e.to_string(),
+                    })
+            });
+            result.map(|()| buf)
         })
         .await
         .map_err(|e| NodeError::Internal(format!("chunk read stopped: {e}")))?;
         let local_error = match local {
-            Ok(plain) => return plaintext(id, plain, needed),
+            Ok(opened) => {
+                check_len(id, &opened, needed)?;
+                return Ok(self.budget.lend(opened, permit).slice(IV_LEN..));
+            }
             Err(e) => self.chunk_failed(&id, e),
         };
         let sealed = match self.cluster.fetch(id).await {
@@ -194,14 +209,17 @@ impl Node {
             let _ = tokio::task::spawn_blocking(move || store.put(&id, &copy)).await;
         }
         let keys = self.keys.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut buf = sealed.to_vec();
+        let mut buf = self.budget.take_buffer(sealed.len());
+        let opened = tokio::task::spawn_blocking(move || {
+            buf.extend_from_slice(&sealed);
             keys.open_in_place(&mut buf, &id)
                 .map_err(|e| NodeError::DataLoss(format!("chunk {id}: {e}")))?;
-            plaintext(id, buf, needed)
+            check_len(id, &buf, needed)?;
+            Ok::<_, NodeError>(buf)
         })
         .await
-        .map_err(|e| NodeError::Internal(format!("chunk read stopped: {e}")))?
+        .map_err(|e| NodeError::Internal(format!("chunk read stopped: {e}")))??;
+        Ok(self.budget.lend(opened, permit).slice(IV_LEN..))
     }
 
     /// Handles a chunk that could not be served: a corrupt one is moved aside
@@ -226,13 +244,13 @@ impl Node {
     }
 }
 
-/// The plaintext part of an opened chunk buffer, checked to hold `needed` bytes.
-fn plaintext(id: ChunkId, opened: Vec<u8>, needed: usize) -> ReadResult {
+/// Checks that an opened chunk buffer holds the `needed` plaintext bytes.
+fn check_len(id: ChunkId, opened: &[u8], needed: usize) -> Result<(), NodeError> {
     let held = opened.len() - IV_LEN;
     if held < needed {
         return Err(NodeError::DataLoss(format!(
             "chunk {id} holds {held} bytes, the record needs {needed}"
         )));
     }
-    Ok(Bytes::from(opened).slice(IV_LEN..))
+    Ok(())
 }

@@ -176,7 +176,7 @@ impl Node {
 
     async fn new_chunk_buf(&self, capacity: usize) -> ChunkBuf {
         let permit = self.budget.acquire(IV_LEN + capacity).await;
-        let mut data = Vec::with_capacity(IV_LEN + capacity);
+        let mut data = self.budget.take_buffer(IV_LEN + capacity);
         data.resize(IV_LEN, 0);
         ChunkBuf {
             data,
@@ -213,13 +213,9 @@ impl Node {
                 join_write(writes.join_next().await)?;
             }
             let cluster = self.cluster.clone();
-            writes.spawn(async move {
-                let ChunkBuf { data, _permit } = chunk;
-                // The budget stays held until every copy is written.
-                let result = cluster.replicate(id, Bytes::from(data)).await;
-                drop(_permit);
-                result.map(|_| ())
-            });
+            // The budget and the buffer stay held until every copy is written.
+            let sealed = self.budget.lend(chunk.data, chunk._permit);
+            writes.spawn(async move { cluster.replicate(id, sealed).await.map(|_| ()) });
         }
         while let Some(done) = writes.join_next().await {
             join_write(Some(done))?;
