@@ -19,6 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures_util::StreamExt;
 use tokio::sync::{Notify, watch};
 
 use super::{Cluster, MemberState, sync::sleep_or_stop};
@@ -35,11 +36,22 @@ const FIRST_BACKOFF: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(600);
 
 /// Repair progress shared with status reporting.
-#[derive(Default)]
 pub struct RepairState {
     kick: Notify,
     /// Chunks found needing work in the current pass and not yet done.
     pending: AtomicU64,
+    /// When the next repair transfer may start (rate limiting).
+    next_slot: std::sync::Mutex<tokio::time::Instant>,
+}
+
+impl Default for RepairState {
+    fn default() -> Self {
+        Self {
+            kick: Notify::new(),
+            pending: AtomicU64::new(0),
+            next_slot: std::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
 }
 
 impl RepairState {
@@ -53,6 +65,28 @@ impl RepairState {
         self.pending.load(Ordering::Relaxed) + index.repair_queue_len().unwrap_or(0)
     }
 }
+
+/// Transfers one pass made, counted from concurrent tasks.
+#[derive(Default)]
+struct Totals {
+    pushed: AtomicU64,
+    pulled: AtomicU64,
+    dropped: AtomicU64,
+}
+
+impl Totals {
+    fn get(&self) -> (u64, u64, u64) {
+        (
+            self.pushed.load(Ordering::Relaxed),
+            self.pulled.load(Ordering::Relaxed),
+            self.dropped.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Chunks one node repairs at once: enough to overlap one transfer's disk
+/// and network waits with another's, few enough to leave room for clients.
+const CONCURRENT_REPAIRS: usize = 4;
 
 /// What a chunk needs, decided from the owners' answers.
 struct Plan {
@@ -88,7 +122,7 @@ impl Cluster {
         if self.pool().is_none() {
             return Ok((0, 0, 0));
         }
-        let mut totals = (0, 0, 0);
+        let totals = Totals::default();
         // Retry what failed before, when due.
         let due = self
             .index
@@ -96,7 +130,7 @@ impl Cluster {
             .map_err(|e| e.to_string())?;
         let mut done = Vec::new();
         for id in due {
-            if self.repair_one(id, &mut totals).await {
+            if self.repair_one(id, &totals).await {
                 done.push(id);
             }
         }
@@ -116,12 +150,17 @@ impl Cluster {
             self.repair
                 .pending
                 .store(plans.len() as u64, Ordering::Relaxed);
-            for plan in plans {
-                if !self.execute(&plan, &mut totals).await {
-                    self.enqueue(&plan.id);
-                }
-                self.repair.pending.fetch_sub(1, Ordering::Relaxed);
-            }
+            futures_util::stream::iter(plans)
+                .for_each_concurrent(CONCURRENT_REPAIRS, |plan| {
+                    let totals = &totals;
+                    async move {
+                        if !self.execute(&plan, totals).await {
+                            self.enqueue(&plan.id);
+                        }
+                        self.repair.pending.fetch_sub(1, Ordering::Relaxed);
+                    }
+                })
+                .await;
         }
 
         // Pull what this node owns but lacks.
@@ -137,7 +176,7 @@ impl Cluster {
             for id in ids {
                 if self.owners(&id).contains(&self.node_id)
                     && !self.store.contains(&id)
-                    && !self.pull(id, &mut totals).await
+                    && !self.pull(id, &totals).await
                 {
                     self.enqueue(&id);
                 }
@@ -145,11 +184,11 @@ impl Cluster {
             after = Some(last);
         }
         self.repair.pending.store(0, Ordering::Relaxed);
-        Ok(totals)
+        Ok(totals.get())
     }
 
     /// Repairs one chunk from the queue; true when nothing is left to do.
-    async fn repair_one(&self, id: ChunkId, totals: &mut (u64, u64, u64)) -> bool {
+    async fn repair_one(&self, id: ChunkId, totals: &Totals) -> bool {
         if self.index.chunk_refs(&id).unwrap_or(0) == 0 {
             return true; // nothing references it any more
         }
@@ -229,7 +268,7 @@ impl Cluster {
 
     /// Pushes a chunk to the owners that lack it, then drops the local copy
     /// if this node is not an owner and every owner now holds one.
-    async fn execute(&self, plan: &Plan, totals: &mut (u64, u64, u64)) -> bool {
+    async fn execute(&self, plan: &Plan, totals: &Totals) -> bool {
         let mut ok = true;
         if !plan.push_to.is_empty() {
             let Some(sealed) = self.read_verified(plan.id).await else {
@@ -243,7 +282,7 @@ impl Cluster {
                     .await
                 {
                     Ok(()) => {
-                        totals.0 += 1;
+                        totals.pushed.fetch_add(1, Ordering::Relaxed);
                         crate::metrics::repaired(crate::metrics::RepairAction::Push);
                     }
                     Err(e) => {
@@ -262,14 +301,14 @@ impl Cluster {
             })
             .await;
             if matches!(removed, Ok(Ok(true))) {
-                totals.2 += 1;
+                totals.dropped.fetch_add(1, Ordering::Relaxed);
                 crate::metrics::repaired(crate::metrics::RepairAction::Drop);
             }
         }
         ok
     }
 
-    async fn pull(&self, id: ChunkId, totals: &mut (u64, u64, u64)) -> bool {
+    async fn pull(&self, id: ChunkId, totals: &Totals) -> bool {
         match self.fetch(id).await {
             Ok(sealed) => {
                 self.pace(sealed.len()).await;
@@ -277,7 +316,7 @@ impl Cluster {
                 let stored = tokio::task::spawn_blocking(move || store.put(&id, &sealed)).await;
                 let ok = matches!(stored, Ok(Ok(_)));
                 if ok {
-                    totals.1 += 1;
+                    totals.pulled.fetch_add(1, Ordering::Relaxed);
                     crate::metrics::repaired(crate::metrics::RepairAction::Pull);
                 }
                 ok
@@ -303,9 +342,23 @@ impl Cluster {
     }
 
     /// Sleeps long enough that repair transfers average `repair_rate`.
+    /// Transfers reserve consecutive time slots, so concurrent repairs
+    /// together stay within the rate.
     async fn pace(&self, bytes: usize) {
         let rate = self.cfg.repair_rate.max(1) as f64;
-        tokio::time::sleep(Duration::from_secs_f64(bytes as f64 / rate)).await;
+        let slot = Duration::from_secs_f64(bytes as f64 / rate);
+        let start = {
+            let mut next = self
+                .repair
+                .next_slot
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let now = tokio::time::Instant::now();
+            let start = (*next).max(now);
+            *next = start + slot;
+            start
+        };
+        tokio::time::sleep_until(start).await;
     }
 
     /// Whether any member is down (repair has something to do then).
