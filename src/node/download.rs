@@ -82,6 +82,17 @@ pub struct Download {
 
 type ReadResult = Result<Bytes, NodeError>;
 
+/// A read-ahead task that is cancelled when the download ends early (the
+/// client went away, or an error ended the stream), so a cancelled download
+/// stops its disk reads and peer fetches instead of finishing them unseen.
+struct AbortOnDrop(JoinHandle<ReadResult>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 impl Node {
     /// Starts streaming `target`'s bytes in `offset..offset+length` (length 0
     /// = to the end). Fails before any data if the object or range is bad.
@@ -112,7 +123,7 @@ impl Node {
     ) {
         let ids: Vec<ChunkId> = record.chunk_id_list().collect();
         let max_len = record.chunk_size as usize + IV_LEN;
-        let mut window: VecDeque<(ChunkId, usize, usize, JoinHandle<ReadResult>)> = VecDeque::new();
+        let mut window: VecDeque<(ChunkId, usize, usize, AbortOnDrop)> = VecDeque::new();
         let mut span = chunk_span(record.chunk_size.max(1) as u64, range);
         loop {
             while window.len() < READ_AHEAD {
@@ -135,12 +146,12 @@ impl Node {
                     tokio::spawn(
                         async move { node.chunk_plaintext(id, max_len, to, permit).await },
                     );
-                window.push_back((id, from, to, read));
+                window.push_back((id, from, to, AbortOnDrop(read)));
             }
-            let Some((_id, from, to, read)) = window.pop_front() else {
+            let Some((_id, from, to, mut read)) = window.pop_front() else {
                 return;
             };
-            let plain = match read.await {
+            let plain = match (&mut read.0).await {
                 Ok(Ok(plain)) => plain,
                 Ok(Err(err)) => {
                     let _ = tx.send(Err(err)).await;
