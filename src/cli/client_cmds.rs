@@ -295,13 +295,20 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         crate::units::format_size(s.bytes_stored)
     );
     println!("peak rss:  {}", crate::units::format_size(s.peak_rss_bytes));
+    println!("repair:    {} chunks waiting", s.repair_backlog);
     println!("members:");
+    let now = crate::units::unix_ms();
     for m in &s.members {
+        let seen = match m.last_seen_unix_ms {
+            0 => "never seen".to_owned(),
+            t => format!("seen {:.1}s ago", now.saturating_sub(t) as f64 / 1000.0),
+        };
         println!(
-            "  {}  {:<21}  {:<5}  {} chunks  {}",
+            "  {}  {:<21}  {:<5}  {:<16}  {} chunks  {}",
             m.node_id,
             m.address,
             m.state,
+            seen,
             m.chunk_count,
             crate::units::format_size(m.bytes_stored)
         );
