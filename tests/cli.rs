@@ -325,3 +325,36 @@ async fn node_rejects_bad_flag_values_with_a_clear_message() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("no-such.key"), "{}", stderr(&out));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn get_into_a_fifo_writes_through_it_and_leaves_it_a_fifo() {
+    use std::os::unix::fs::FileTypeExt;
+    let node = TestNode::start(&[]).await;
+    let data = pseudo_random(77, 3 * CHUNK + 9);
+    upload(&mut node.storage().await, "piped", &data, CHUNK)
+        .await
+        .unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let fifo = work.path().join("pipe");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let reader_path = fifo.clone();
+    let reader = std::thread::spawn(move || fs::read(reader_path).unwrap());
+    let get = run_dfs(&[
+        "get",
+        "piped",
+        "-o",
+        fifo.to_str().unwrap(),
+        "--node",
+        node.addr(),
+    ])
+    .await;
+    assert_ok(&get, "get into a fifo");
+    // Renaming a temp file over the target would have replaced the FIFO
+    // (with /dev/null, the device itself). Checked before joining the
+    // reader, which would otherwise wait for a writer forever.
+    assert!(fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
+    assert!(reader.join().unwrap() == data, "bytes through the fifo");
+    assert_eq!(entries(work.path()).len(), 1, "no partial file left behind");
+}

@@ -159,6 +159,17 @@ pub async fn get(args: GetArgs) -> anyhow::Result<()> {
         let (info, sha1, _) = client.download(request, &mut stdout, |_| {}).await?;
         return check_sha1(&info, &sha1);
     };
+    // A device, FIFO or socket (`-o /dev/null`, a named pipe) is written in
+    // place: renaming a file over it would replace the device itself.
+    if std::fs::metadata(&target).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
+        let mut out = tokio::fs::OpenOptions::new()
+            .write(true)
+            .open(&target)
+            .await
+            .with_context(|| format!("cannot open {}", target.display()))?;
+        let (info, sha1, _) = client.download(request, &mut out, |_| {}).await?;
+        return check_sha1(&info, &sha1);
+    }
     // Write next to the target and rename at the end, so a failed download
     // never leaves a partial file at the target path.
     let dir = match target.parent() {
