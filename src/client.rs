@@ -255,6 +255,28 @@ impl Client {
         Ok(())
     }
 
+    /// Waits until the node sees at least `peers` other members up.
+    pub async fn wait_for_peers_up(
+        &mut self,
+        peers: usize,
+        timeout: std::time::Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let status = self.status().await?;
+            let up = status.members.iter().filter(|m| m.state == "up").count();
+            if up >= peers {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "node {} sees {up} of {peers} peers up after {timeout:?}",
+                status.node_id
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
     /// The node's status.
     pub async fn status(&mut self) -> Result<StatusResponse, Status> {
         Ok(self.cluster.status(StatusRequest {}).await?.into_inner())

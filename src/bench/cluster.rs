@@ -23,7 +23,7 @@ impl BenchNode {
         proc_cpu_seconds(self.pid).unwrap_or(0.0)
     }
     fn peak_rss(&self) -> u64 {
-        proc_status_kib(self.pid, "VmHWM:").unwrap_or(0) * 1024
+        crate::grpc::peak_rss_of(&self.pid.to_string()).unwrap_or(0)
     }
 }
 
@@ -80,23 +80,10 @@ pub(super) async fn run(
 }
 
 async fn wait_members(nodes: &[BenchNode]) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
     for n in nodes.iter().filter(|n| n.child.is_some()) {
         let mut c = Client::connect(&n.addr, None).await?;
-        loop {
-            let up = c
-                .status()
-                .await?
-                .members
-                .iter()
-                .filter(|m| m.state == "up")
-                .count();
-            if up + 1 >= nodes.len() {
-                break;
-            }
-            anyhow::ensure!(Instant::now() < deadline, "bench cluster did not form");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        c.wait_for_peers_up(nodes.len() - 1, Duration::from_secs(30))
+            .await?;
     }
     Ok(())
 }
@@ -303,15 +290,4 @@ fn proc_cpu_seconds(pid: u32) -> Option<f64> {
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     Some((utime + stime) / ticks)
-}
-
-fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with(field))?;
-    line[field.len()..]
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()
 }

@@ -282,26 +282,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 }
 
 async fn wait_for_members(nodes: &[DemoNode]) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
     for n in nodes {
         let mut client = Client::connect(&n.addr, None).await?;
-        loop {
-            let up = client
-                .status()
-                .await?
-                .members
-                .iter()
-                .filter(|m| m.state == "up")
-                .count();
-            if up == nodes.len() - 1 {
-                break;
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "the demo nodes did not find each other"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        client
+            .wait_for_peers_up(nodes.len() - 1, Duration::from_secs(20))
+            .await?;
     }
     Ok(())
 }

@@ -74,16 +74,20 @@ impl Cluster for ClusterService {
 
 /// The process's peak resident set size (`VmHWM`), in bytes. Linux only.
 pub fn peak_rss_bytes() -> Option<u64> {
-    proc_status_kib("VmHWM:").map(|kib| kib * 1024)
+    peak_rss_of("self")
 }
 
-fn proc_status_kib(field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+/// Peak resident set size (`VmHWM`) of process `pid` ("self" for this one),
+/// in bytes. Linux only.
+pub fn peak_rss_of(pid: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = "VmHWM:";
     let line = status.lines().find(|l| l.starts_with(field))?;
     line[field.len()..]
         .trim()
         .trim_end_matches("kB")
         .trim()
-        .parse()
+        .parse::<u64>()
         .ok()
+        .map(|kib| kib * 1024)
 }

@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use tonic::{Code, Status, transport::server::TcpIncoming};
 
 pub use auth::BearerAuth;
-pub use cluster::{ClusterService, peak_rss_bytes};
+pub use cluster::{ClusterService, peak_rss_bytes, peak_rss_of};
 pub use storage::StorageService;
 
 use crate::{
