@@ -1,8 +1,8 @@
 //! The upload pipeline.
 //!
 //! ```text
-//! client stream -> [fill chunk] -> [SHA-1 file, HMAC id, encrypt] -> [write + fsync] x2
-//!   async task       budget-paid       one blocking thread            blocking pool
+//! client stream -> [fill chunk] -> [SHA-1 of file] -> [HMAC id, encrypt, replicate] x3
+//!   async task       budget-paid     one blocking thread   blocking pool + owners
 //! ```
 //!
 //! Stages are joined by channels of capacity one, so at most a few chunks of
@@ -19,11 +19,16 @@ use tokio::{sync::mpsc, task::JoinSet};
 use tokio_stream::{Stream, StreamExt};
 
 use super::{Node, NodeError, Pins, now_ms, parse_sha1, validate_key};
-use crate::{crypto::ChunkId, crypto::IV_LEN, proto::ObjectRecord};
+use crate::{
+    cluster::ClusterError,
+    crypto::{ChunkId, IV_LEN},
+    proto::ObjectRecord,
+};
 
-/// Chunk writes (write + fsync) one upload keeps in flight. Two overlap one
-/// chunk's fsync with the next chunk's write; more buys nothing on one disk.
-const WRITE_PARALLELISM: usize = 2;
+/// Chunks one upload seals and writes at once. The whole-file SHA-1 must run
+/// in order on one thread; sealing does not, so three in flight spread it
+/// over the cores and overlap one chunk's fsync with the next one's work.
+const WRITE_PARALLELISM: usize = 3;
 /// First allocation for a chunk buffer of an upload whose size is not yet
 /// known, so a 4 KiB object does not take a whole chunk of budget.
 const FIRST_BUFFER: usize = 256 << 10;
@@ -70,20 +75,19 @@ impl Node {
             hex => Some(parse_sha1(hex)?),
         };
         let (fill_tx, fill_rx) = mpsc::channel::<ChunkBuf>(1);
-        let (sealed_tx, sealed_rx) = mpsc::channel::<(ChunkId, ChunkBuf)>(1);
-        let keys = self.keys.clone();
-        let sealer = tokio::task::spawn_blocking(move || seal_chunks(&keys, fill_rx, sealed_tx));
+        let (hashed_tx, hashed_rx) = mpsc::channel::<ChunkBuf>(1);
+        let hasher = tokio::task::spawn_blocking(move || hash_file(fill_rx, hashed_tx));
         let mut pins = PinGuard {
             pins: &self.pins,
             ids: Vec::new(),
         };
         let (received, written) = tokio::join!(
             self.fill_chunks(stream, fill_tx),
-            self.write_chunks(sealed_rx, &mut pins)
+            self.write_chunks(hashed_rx, &mut pins)
         );
-        let sha1 = sealer
+        let sha1 = hasher
             .await
-            .map_err(|e| NodeError::Internal(format!("sealer stopped: {e}")))?;
+            .map_err(|e| NodeError::Internal(format!("hasher stopped: {e}")))?;
         // A writer error is the cause of a receiver's "pipeline closed", so it
         // is reported first.
         written?;
@@ -198,54 +202,75 @@ impl Node {
         chunk.data.reserve_exact(target - chunk.data.len());
     }
 
-    /// Writes sealed chunks with bounded parallelism, pinning each id so the
-    /// collector leaves it alone until the upload ends.
+    /// Seals and writes chunks, `WRITE_PARALLELISM` at a time (sealing is
+    /// independent per chunk, so it spreads over cores), and pins each id
+    /// once written so the collector leaves it alone until the upload ends.
     async fn write_chunks(
         &self,
-        mut sealed: mpsc::Receiver<(ChunkId, ChunkBuf)>,
+        mut hashed: mpsc::Receiver<ChunkBuf>,
         pins: &mut PinGuard<'_>,
     ) -> Result<(), NodeError> {
         let mut writes = JoinSet::new();
-        while let Some((id, chunk)) = sealed.recv().await {
-            self.pins.pin(id);
-            pins.ids.push(id);
-            while writes.len() >= WRITE_PARALLELISM {
-                join_write(writes.join_next().await)?;
+        let mut ids: Vec<Option<ChunkId>> = Vec::new();
+        let mut record = |done, ids: &mut Vec<Option<ChunkId>>| -> Result<(), NodeError> {
+            if let Some((index, id)) = join_write(done)? {
+                self.pins.pin(id);
+                pins.ids.push(id);
+                ids[index] = Some(id);
             }
-            let cluster = self.cluster.clone();
-            // The budget and the buffer stay held until every copy is written.
-            let sealed = self.budget.lend(chunk.data, chunk._permit);
-            writes.spawn(async move { cluster.replicate(id, sealed).await.map(|_| ()) });
+            Ok(())
+        };
+        while let Some(mut chunk) = hashed.recv().await {
+            while writes.len() >= WRITE_PARALLELISM {
+                record(writes.join_next().await, &mut ids)?;
+            }
+            let index = ids.len();
+            ids.push(None);
+            let (keys, cluster, budget) =
+                (self.keys.clone(), self.cluster.clone(), self.budget.clone());
+            writes.spawn(async move {
+                let (id, chunk) = tokio::task::spawn_blocking(move || {
+                    let id = keys.seal_in_place(&mut chunk.data);
+                    (id, chunk)
+                })
+                .await
+                .map_err(|e| ClusterError::Internal(format!("sealing stopped: {e}")))?;
+                // The budget and the buffer stay held until every copy is written.
+                let sealed = budget.lend(chunk.data, chunk._permit);
+                cluster.replicate(id, sealed).await.map(|_| (index, id))
+            });
         }
         while let Some(done) = writes.join_next().await {
-            join_write(Some(done))?;
+            record(Some(done), &mut ids)?;
         }
+        // Record order is file order, whatever order the writes finished in.
+        pins.ids = ids
+            .into_iter()
+            .map(|id| id.expect("every chunk was written"))
+            .collect();
         Ok(())
     }
 }
 
+type WriteResult = Result<(usize, ChunkId), ClusterError>;
+
 fn join_write(
-    done: Option<Result<Result<(), crate::cluster::ClusterError>, tokio::task::JoinError>>,
-) -> Result<(), NodeError> {
+    done: Option<Result<WriteResult, tokio::task::JoinError>>,
+) -> Result<Option<(usize, ChunkId)>, NodeError> {
     match done {
-        None => Ok(()),
-        Some(Ok(result)) => result.map_err(NodeError::from),
+        None => Ok(None),
+        Some(Ok(result)) => result.map(Some).map_err(NodeError::from),
         Some(Err(e)) => Err(NodeError::Internal(format!("chunk write stopped: {e}"))),
     }
 }
 
-/// The sealing stage, on a blocking thread: whole-file SHA-1 in order, then
-/// each chunk's id and encryption in place. Returns the file's SHA-1.
-fn seal_chunks(
-    keys: &crate::crypto::Keys,
-    mut input: mpsc::Receiver<ChunkBuf>,
-    output: mpsc::Sender<(ChunkId, ChunkBuf)>,
-) -> [u8; 20] {
+/// The hashing stage, on a blocking thread: the whole-file SHA-1, which
+/// must see the chunks in order. Returns it.
+fn hash_file(mut input: mpsc::Receiver<ChunkBuf>, output: mpsc::Sender<ChunkBuf>) -> [u8; 20] {
     let mut file_sha1 = Sha1::new();
-    while let Some(mut chunk) = input.blocking_recv() {
+    while let Some(chunk) = input.blocking_recv() {
         file_sha1.update(&chunk.data[IV_LEN..]);
-        let id = keys.seal_in_place(&mut chunk.data);
-        if output.blocking_send((id, chunk)).is_err() {
+        if output.blocking_send(chunk).is_err() {
             break;
         }
     }
