@@ -56,8 +56,8 @@ pub struct NodeArgs {
     /// How often the repair pass runs (it also runs when membership changes)
     #[arg(long, env = "DFS_REPAIR_INTERVAL", default_value = "60s", value_parser = duration_arg)]
     pub repair_interval: Duration,
-    /// Repair transfer budget per second, so repair never starves clients
-    #[arg(long, env = "DFS_REPAIR_RATE", default_value = "64MiB", value_parser = size_arg)]
+    /// Repair transfer budget per second on this node (lower it to leave more to clients)
+    #[arg(long, env = "DFS_REPAIR_RATE", default_value = "256MiB", value_parser = size_arg)]
     pub repair_rate: u64,
     /// File holding the cluster secret (64 hex chars); default: <data>/cluster.key, created if absent
     #[arg(long, env = "DFS_CLUSTER_KEY_FILE", value_name = "PATH")]

@@ -94,7 +94,7 @@ impl ClusterConfig {
             dead_after: Duration::from_secs(30),
             sync_interval: Duration::from_secs(60),
             repair_interval: Duration::from_secs(60),
-            repair_rate: 64 << 20,
+            repair_rate: 256 << 20,
             max_chunk: crate::config::MAX_CHUNK_SIZE + IV_LEN,
         }
     }
