@@ -172,6 +172,18 @@ impl Membership {
         gone
     }
 
+    /// Marks a member down at once (a write to it failed at the transport
+    /// level). Returns whether it was up.
+    pub fn suspect(&self, node_id: &str) -> bool {
+        match self.lock().get_mut(node_id) {
+            Some(e) if e.state == MemberState::Up => {
+                e.state = MemberState::Down;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Ids of members currently up, this node included.
     pub fn live_ids(&self) -> Vec<String> {
         let mut ids: Vec<String> = self
@@ -277,6 +289,10 @@ mod tests {
         );
         assert_eq!(m.observe("a", "127.0.0.1:1", None), Change::Recovered);
         assert_eq!(m.live_ids().len(), 2);
+        assert!(m.suspect("a"), "a failed write takes it down at once");
+        assert!(!m.suspect("a"));
+        assert_eq!(m.live_ids(), vec!["me".to_string()]);
+        assert_eq!(m.observe("a", "127.0.0.1:1", None), Change::Recovered);
     }
 
     #[test]

@@ -52,6 +52,9 @@ pub enum ClusterError {
     /// The local store refused a write for lack of space.
     #[error("{0}")]
     DiskFull(String),
+    /// A peer could not be reached or broke the exchange off.
+    #[error("unreachable: {0}")]
+    Unreachable(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -247,7 +250,6 @@ impl Cluster {
     /// least W copies. Returns the ids of the nodes that hold it.
     pub async fn replicate(&self, id: ChunkId, sealed: Bytes) -> Result<Vec<String>, ClusterError> {
         let r = self.replicas();
-        let w = self.write_quorum();
         let mut candidates = self.ranked_live(&id).into_iter();
         let mut holders = Vec::new();
         let mut reasons = Vec::new();
@@ -280,12 +282,23 @@ impl Cluster {
                     if let ClusterError::DiskFull(msg) = &e {
                         disk_full.get_or_insert(msg.clone());
                     }
+                    // Without this, every chunk of every upload would wait
+                    // out a connect timeout on a dead member until
+                    // `dead_after` passes. A ping that succeeds brings it back.
+                    if matches!(e, ClusterError::Unreachable(_)) && self.membership.suspect(&member)
+                    {
+                        tracing::warn!(member = %member, "member unreachable during a write; down until it answers a ping");
+                        self.repair.kick();
+                    }
                     tracing::warn!(chunk = %id, member = %member, error = %e, "replica write failed; trying the next member");
                     reasons.push(format!("{member}: {e}"));
                 }
                 Err(e) => reasons.push(format!("write task: {e}")),
             }
         }
+        // W is decided after the attempts: a member found unreachable during
+        // them is down now, which can lower W to a majority of R.
+        let w = self.write_quorum();
         if holders.len() >= w {
             return Ok(holders);
         }
@@ -511,7 +524,7 @@ impl ChunkWriter {
         let reply = pool
             .request(addr, msg, Some(sealed))
             .await
-            .map_err(|e| ClusterError::Internal(e.to_string()))?;
+            .map_err(|e| ClusterError::Unreachable(e.to_string()))?;
         match reply.msg.kind {
             Some(Kind::PutChunkReply(r)) if r.stored => Ok(()),
             Some(Kind::Error(e)) if e.code == code::RESOURCE_EXHAUSTED => {

@@ -74,6 +74,7 @@ impl From<ClusterError> for NodeError {
             ClusterError::TooFewCopies { .. } => Self::Unavailable(e.to_string()),
             ClusterError::ChunkUnavailable { .. } => Self::DataLoss(e.to_string()),
             ClusterError::DiskFull(_) => Self::ResourceExhausted(e.to_string()),
+            ClusterError::Unreachable(_) => Self::Unavailable(e.to_string()),
             ClusterError::Internal(_) => Self::Internal(e.to_string()),
         }
     }
