@@ -98,45 +98,6 @@ pub enum Target {
 pub struct BufferBudget {
     sem: Arc<Semaphore>,
     total: usize,
-    /// Idle chunk-sized buffers. Reusing them spares every chunk a fresh
-    /// mapping (a page fault and a zeroed page per 4 KiB) without letting
-    /// idle memory grow: at most `POOLED_BUFFERS` are kept.
-    pool: Arc<Mutex<Vec<Vec<u8>>>>,
-}
-
-/// Idle buffers kept for reuse, node-wide.
-const POOLED_BUFFERS: usize = 4;
-/// Buffers smaller than this are not worth pooling.
-const POOL_MIN_CAPACITY: usize = 1 << 20;
-
-/// A chunk buffer lent out as [`Bytes`]: when the last `Bytes` referring to
-/// it is dropped, its budget is released and the memory goes back to the pool.
-struct Lent {
-    data: Vec<u8>,
-    _permit: OwnedSemaphorePermit,
-    pool: Arc<Mutex<Vec<Vec<u8>>>>,
-}
-
-impl AsRef<[u8]> for Lent {
-    fn as_ref(&self) -> &[u8] {
-        &self.data
-    }
-}
-
-impl Drop for Lent {
-    fn drop(&mut self) {
-        give_back(&self.pool, std::mem::take(&mut self.data));
-    }
-}
-
-fn give_back(pool: &Mutex<Vec<Vec<u8>>>, buf: Vec<u8>) {
-    if buf.capacity() < POOL_MIN_CAPACITY {
-        return;
-    }
-    let mut pool = pool.lock().unwrap_or_else(|p| p.into_inner());
-    if pool.len() < POOLED_BUFFERS {
-        pool.push(buf);
-    }
 }
 
 impl BufferBudget {
@@ -144,34 +105,18 @@ impl BufferBudget {
         Self {
             sem: Arc::new(Semaphore::new(total)),
             total,
-            pool: Arc::default(),
         }
     }
 
     /// An empty buffer with room for `capacity` bytes, reused when possible.
     pub fn take_buffer(&self, capacity: usize) -> Vec<u8> {
-        if capacity >= POOL_MIN_CAPACITY {
-            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(i) = pool
-                .iter()
-                .position(|b| b.capacity() >= capacity && b.capacity() <= 2 * capacity)
-            {
-                let mut buf = pool.swap_remove(i);
-                buf.clear();
-                return buf;
-            }
-        }
-        Vec::with_capacity(capacity)
+        crate::bufpool::take(capacity)
     }
 
     /// Shares `data` as [`Bytes`] holding `permit`; both return (to the
-    /// budget and the pool) when the last reference is dropped.
+    /// budget and the buffer pool) when the last reference is dropped.
     pub fn lend(&self, data: Vec<u8>, permit: OwnedSemaphorePermit) -> Bytes {
-        Bytes::from_owner(Lent {
-            data,
-            _permit: permit,
-            pool: self.pool.clone(),
-        })
+        crate::bufpool::lend(data, permit)
     }
 
     /// Waits until `bytes` of budget are free and takes them. A request larger

@@ -4,7 +4,9 @@
 //! announces, into a buffer allocated for that payload alone after the header
 //! passed its cap check. So a connection never holds more than one frame,
 //! never reads ahead into the next one, and never allocates more than
-//! `HEADER_LEN + cap` for any frame, whatever the peer sends. Writes go
+//! `HEADER_LEN + cap` for any frame, whatever the peer sends (the DATA frames
+//! of a body are read straight into the body's buffer, which `max_body`
+//! bounds, checked before each frame's bytes are read). Writes go
 //! through a small buffer flushed once per message, so a MESSAGE, its DATA and
 //! its END leave in as few segments as the socket allows.
 
@@ -72,6 +74,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Reads one frame. `Ok(None)` means the peer closed the stream cleanly
     /// between frames; a stream that ends inside a frame is `Truncated`.
     pub async fn read_frame(&mut self) -> Result<Option<Frame>, P2pError> {
+        match self.read_header().await? {
+            None => Ok(None),
+            Some((kind, len)) => self.read_payload(kind, len).await.map(Some),
+        }
+    }
+
+    /// Reads and checks a frame header (a known kind, a length within the
+    /// kind's cap). `Ok(None)` on a clean end of stream.
+    async fn read_header(&mut self) -> Result<Option<(FrameKind, usize)>, P2pError> {
         let mut header = [0u8; HEADER_LEN];
         let mut got = 0;
         while got < HEADER_LEN {
@@ -85,8 +96,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             }
             got += n;
         }
-        // The cap check comes before the allocation below: this is the bound.
-        let (kind, len) = Frame::parse_header(header)?;
+        Frame::parse_header(header).map(Some)
+    }
+
+    /// Reads the payload a checked header announced into a buffer of exactly
+    /// that size: the cap check came first, so this is the bound.
+    async fn read_payload(&mut self, kind: FrameKind, len: usize) -> Result<Frame, P2pError> {
         let mut payload = BytesMut::with_capacity(len);
         self.peak_read_alloc = self.peak_read_alloc.max(HEADER_LEN + payload.capacity());
         while payload.len() < len {
@@ -101,7 +116,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 return Err(P2pError::Truncated("frame payload"));
             }
         }
-        Frame::from_payload(kind, payload.freeze()).map(Some)
+        Frame::from_payload(kind, payload.freeze())
     }
 
     /// Writes one frame into the write buffer; call `flush` to send it.
@@ -186,48 +201,58 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     /// Reads DATA frames up to END and checks the body against END. The
-    /// limit is enforced as each frame arrives, before its bytes are kept.
+    /// limit is enforced as each frame's header arrives, before its bytes
+    /// are read. DATA payloads go straight into one body buffer (from the
+    /// process-wide pool, so a chunk-sized body costs no fresh mapping and no
+    /// joining copy), which returns to the pool when the body is dropped.
     async fn read_body(&mut self, max_body: usize) -> Result<Bytes, P2pError> {
-        let mut pieces: Vec<Bytes> = Vec::new();
-        let mut total = 0usize;
+        /// First allocation for a body: one default-size sealed chunk.
+        const BODY_GUESS: usize = (4 << 20) + 16;
+        let mut body: Option<Vec<u8>> = None;
         let mut crc = crc32fast::Hasher::new();
         loop {
-            let frame = self
-                .read_frame()
+            let (kind, len) = self
+                .read_header()
                 .await?
                 .ok_or(P2pError::Truncated("body"))?;
-            match frame {
-                Frame::Data(piece) => {
-                    total += piece.len();
-                    if total > max_body {
-                        return Err(P2pError::BodyTooLarge { max: max_body });
-                    }
-                    crc.update(&piece);
-                    pieces.push(piece);
+            if kind == FrameKind::Data {
+                let buf = body
+                    .get_or_insert_with(|| crate::bufpool::take(len.max(BODY_GUESS.min(max_body))));
+                if buf.len() + len > max_body {
+                    return Err(P2pError::BodyTooLarge { max: max_body });
                 }
+                let start = buf.len();
+                let read = (&mut self.stream).take(len as u64).read_to_end(buf).await?;
+                if read < len {
+                    return Err(P2pError::Truncated("frame payload"));
+                }
+                crc.update(&buf[start..]);
+                continue;
+            }
+            match self.read_payload(kind, len).await? {
                 Frame::End { body_len, crc32 } => {
                     let actual_crc = crc.finalize();
-                    if pieces.is_empty() {
+                    let Some(buf) = body else {
                         return Err(P2pError::UnexpectedFrame {
                             expected: "DATA",
                             got: FrameKind::End,
                         });
-                    }
-                    if body_len != total as u64 || crc32 != actual_crc {
+                    };
+                    if body_len != buf.len() as u64 || crc32 != actual_crc {
                         return Err(P2pError::BodyMismatch {
                             expected_len: body_len,
-                            actual_len: total as u64,
+                            actual_len: buf.len() as u64,
                             expected_crc: crc32,
                             actual_crc,
                         });
                     }
-                    return Ok(join(pieces, total));
+                    return Ok(crate::bufpool::lend(buf, ()));
                 }
                 Frame::Error(reason) => return Err(P2pError::Remote(reason)),
-                Frame::Message(_) => {
+                other => {
                     return Err(P2pError::UnexpectedFrame {
                         expected: "DATA or END",
-                        got: FrameKind::Message,
+                        got: other.kind(),
                     });
                 }
             }
@@ -281,16 +306,4 @@ impl Connection<TcpStream> {
 /// Decodes a MESSAGE payload.
 pub fn decode_message(payload: Bytes) -> Result<PeerMessage, P2pError> {
     PeerMessage::decode(payload).map_err(|e| P2pError::BadMessage(e.to_string()))
-}
-
-/// One buffer from the body's pieces; a one-piece body is returned as is.
-fn join(mut pieces: Vec<Bytes>, total: usize) -> Bytes {
-    if pieces.len() == 1 {
-        return pieces.pop().unwrap_or_default();
-    }
-    let mut all = BytesMut::with_capacity(total);
-    for piece in pieces {
-        all.extend_from_slice(&piece);
-    }
-    all.freeze()
 }
