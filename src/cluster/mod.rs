@@ -335,6 +335,23 @@ impl Cluster {
     /// Fetches a chunk from peers: owners in rank order first, then every
     /// other live member. Returns the sealed bytes, verified.
     pub async fn fetch(&self, id: ChunkId) -> Result<Bytes, ClusterError> {
+        let keys = self.keys.clone();
+        self.fetch_checked(id, move |sealed: Bytes| {
+            keys.verify_sealed(&sealed, &id).map(|()| sealed)
+        })
+        .await
+    }
+
+    /// Like [`Cluster::fetch`], but `check` does the verification (and may
+    /// keep what it computed doing it, such as the plaintext, so a reader
+    /// does not decrypt twice). A copy `check` refuses counts as bad and the
+    /// next member is tried. `check` runs on a blocking thread.
+    pub async fn fetch_checked<T, F>(&self, id: ChunkId, check: F) -> Result<T, ClusterError>
+    where
+        T: Send + 'static,
+        F: Fn(Bytes) -> Result<T, crate::crypto::CryptoError> + Send + Sync + 'static,
+    {
+        let check = Arc::new(check);
         let Some(pool) = self.pool() else {
             return Err(ClusterError::ChunkUnavailable {
                 id,
@@ -359,14 +376,12 @@ impl Cluster {
             match pool.request(&addr, msg, None).await {
                 Ok(reply) => match (reply.msg.kind, reply.body) {
                     (Some(Kind::GetChunkReply(r)), Some(body)) if r.found => {
-                        let keys = self.keys.clone();
-                        let check = body.clone();
-                        let verified =
-                            tokio::task::spawn_blocking(move || keys.verify_sealed(&check, &id))
-                                .await
-                                .map_err(|e| ClusterError::Internal(e.to_string()))?;
+                        let check = check.clone();
+                        let verified = tokio::task::spawn_blocking(move || check(body))
+                            .await
+                            .map_err(|e| ClusterError::Internal(e.to_string()))?;
                         match verified {
-                            Ok(()) => return Ok(body),
+                            Ok(value) => return Ok(value),
                             Err(e) => {
                                 crate::metrics::verification_failed(
                                     crate::metrics::BadCopy::Fetched,

@@ -209,27 +209,28 @@ impl Node {
             }
             Err(e) => self.chunk_failed(&id, e),
         };
-        let sealed = match self.cluster.fetch(id).await {
-            Ok(sealed) => sealed,
+        // One decrypt serves both the verification and the reply.
+        let keys = self.keys.clone();
+        let opened = self
+            .cluster
+            .fetch_checked(id, move |sealed: Bytes| {
+                let mut buf = crate::bufpool::take(sealed.len());
+                buf.extend_from_slice(&sealed);
+                keys.open_in_place(&mut buf, &id)?;
+                Ok((sealed, buf))
+            })
+            .await;
+        let (sealed, opened) = match opened {
+            Ok(pair) => pair,
             Err(remote) => {
                 return Err(NodeError::DataLoss(format!("{local_error}; {remote}")));
             }
         };
+        check_len(id, &opened, needed)?;
         if self.cluster.owners(&id).iter().any(|o| o == &self.id) {
-            let (store, copy) = (self.store.clone(), sealed.clone());
-            let _ = tokio::task::spawn_blocking(move || store.put(&id, &copy)).await;
+            let store = self.store.clone();
+            let _ = tokio::task::spawn_blocking(move || store.put(&id, &sealed)).await;
         }
-        let keys = self.keys.clone();
-        let mut buf = self.budget.take_buffer(sealed.len());
-        let opened = tokio::task::spawn_blocking(move || {
-            buf.extend_from_slice(&sealed);
-            keys.open_in_place(&mut buf, &id)
-                .map_err(|e| NodeError::DataLoss(format!("chunk {id}: {e}")))?;
-            check_len(id, &buf, needed)?;
-            Ok::<_, NodeError>(buf)
-        })
-        .await
-        .map_err(|e| NodeError::Internal(format!("chunk read stopped: {e}")))??;
         Ok(self.budget.lend(opened, permit).slice(IV_LEN..))
     }
 
