@@ -19,7 +19,8 @@ pub struct NodeConfig {
     /// Chunk size for new uploads (existing objects keep theirs).
     pub chunk_size: usize,
     /// How long an unreferenced chunk is kept before the collector deletes it.
-    /// Must exceed the longest upload (chunks exist before their record).
+    /// Must exceed index propagation delays; uploads longer than it keep
+    /// their chunks by pinning them locally and refreshing them on peers.
     pub gc_grace: Duration,
     /// How often the collector scans for unreferenced chunks.
     pub gc_interval: Duration,

@@ -153,6 +153,16 @@ impl ChunkStore {
         self.path_of(id).is_file()
     }
 
+    /// Whether the chunk is stored here; if it is, its age is reset so the
+    /// collector keeps it (same ordering against deletion as a dedup hit).
+    pub fn touch(&self, id: &ChunkId) -> bool {
+        let _guard = self.stripe(id);
+        match File::options().write(true).open(self.path_of(id)) {
+            Ok(file) => file.set_modified(SystemTime::now()).is_ok(),
+            Err(_) => false,
+        }
+    }
+
     /// Stores a sealed chunk durably under `id`, unless it is already there.
     /// The caller vouches that `sealed` is the sealing of the plaintext whose
     /// id is `id`. Blocking: call from a blocking thread.

@@ -420,3 +420,33 @@ async fn a_write_right_after_a_node_dies_succeeds_on_the_survivors() {
     );
     assert_eq!(get(&c.nodes[1], "after-death").await.unwrap(), data);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upload_longer_than_the_gc_grace_keeps_its_remote_copies() {
+    let c = TestCluster::start(2, 2, &["--gc-grace", "1s", "--gc-interval", "200ms"]).await;
+    let data = pseudo_random(12, 30 * CHUNK);
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    let feed = data.clone();
+    tokio::spawn(async move {
+        let _ = tx.send(header_msg("slow")).await;
+        for piece in feed.chunks(CHUNK) {
+            // 30 chunks over ~4.5 s: the first ones age well past the grace
+            // on the peer before the object's record exists.
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            if tx.send(data_msg(piece)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut storage = c.nodes[0].storage().await;
+    storage
+        .upload(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("slow upload");
+    let copies = c.copies(&data);
+    assert!(
+        copies.iter().all(|n| *n == 2),
+        "copies per chunk: {copies:?}"
+    );
+    assert_eq!(get(&c.nodes[1], "slow").await.unwrap(), data);
+}

@@ -125,7 +125,15 @@ impl PeerHandler for PeerService {
                 let present = tokio::task::spawn_blocking(move || {
                     h.chunk_ids
                         .iter()
-                        .map(|raw| ChunkId::from_slice(raw).is_some_and(|id| store.contains(&id)))
+                        .map(|raw| {
+                            ChunkId::from_slice(raw).is_some_and(|id| {
+                                if h.touch {
+                                    store.touch(&id)
+                                } else {
+                                    store.contains(&id)
+                                }
+                            })
+                        })
                         .collect()
                 })
                 .await

@@ -26,8 +26,8 @@ use crate::{
     index::Index,
     p2p::{self, Identity, Limits, PeerPool},
     proto::{
-        GetChunk, GetRecord, IndexUpdate, ObjectRecord, PeerMessage, PutChunk, get_record,
-        peer_message::Kind,
+        GetChunk, GetRecord, HasChunks, IndexUpdate, ObjectRecord, PeerMessage, PutChunk,
+        get_record, peer_message::Kind,
     },
     store::ChunkStore,
 };
@@ -408,6 +408,38 @@ impl Cluster {
                 reasons.join("; ")
             },
         })
+    }
+
+    /// Refreshes the age of chunks written for an upload still in progress
+    /// on every live owner that holds them (`HasChunks` with `touch`), so no
+    /// peer's collector takes them for garbage before their record exists.
+    pub async fn keep_alive(&self, ids: &[ChunkId]) {
+        /// Ids per message: keeps each one far below the MESSAGE cap.
+        const PER_MESSAGE: usize = 4096;
+        let Some(pool) = self.pool() else { return };
+        let mut by_owner: std::collections::HashMap<String, Vec<ChunkId>> = Default::default();
+        for id in ids {
+            for owner in self.owners(id).into_iter().filter(|o| *o != self.node_id) {
+                by_owner.entry(owner).or_default().push(*id);
+            }
+        }
+        for (owner, ids) in by_owner {
+            let Some(addr) = self.membership.addr_of(&owner) else {
+                continue;
+            };
+            for batch in ids.chunks(PER_MESSAGE) {
+                let msg = PeerMessage {
+                    has_body: false,
+                    kind: Some(Kind::HasChunks(HasChunks {
+                        chunk_ids: batch.iter().map(|id| id.0.to_vec().into()).collect(),
+                        touch: true,
+                    })),
+                };
+                if let Err(e) = pool.request(&addr, msg, None).await {
+                    tracing::debug!(owner = %owner, error = %e, "cannot refresh in-progress chunks");
+                }
+            }
+        }
     }
 
     /// Asks live peers for a record this node does not have (a key or a

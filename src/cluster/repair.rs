@@ -258,6 +258,7 @@ impl Cluster {
             has_body: false,
             kind: Some(Kind::HasChunks(HasChunks {
                 chunk_ids: ids.iter().map(|id| id.0.to_vec().into()).collect(),
+                touch: false,
             })),
         };
         match pool.request(&addr, msg, None).await.ok()?.msg.kind {

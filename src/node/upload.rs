@@ -212,17 +212,26 @@ impl Node {
     ) -> Result<(), NodeError> {
         let mut writes = JoinSet::new();
         let mut ids: Vec<Option<ChunkId>> = Vec::new();
-        let mut record = |done, ids: &mut Vec<Option<ChunkId>>| -> Result<(), NodeError> {
+        let record = |done, ids: &mut Vec<Option<ChunkId>>, pins: &mut PinGuard<'_>| {
             if let Some((index, id)) = join_write(done)? {
                 self.pins.pin(id);
                 pins.ids.push(id);
                 ids[index] = Some(id);
             }
-            Ok(())
+            Ok::<(), NodeError>(())
         };
+        // Written chunks have no record until the upload ends; peers keep
+        // them only while they look young, so an upload longer than the GC
+        // grace refreshes its remote copies every third of it.
+        let refresh_every = self.cfg.gc_grace / 3;
+        let mut refreshed = std::time::Instant::now();
         while let Some(mut chunk) = hashed.recv().await {
             while writes.len() >= WRITE_PARALLELISM {
-                record(writes.join_next().await, &mut ids)?;
+                record(writes.join_next().await, &mut ids, pins)?;
+            }
+            if refreshed.elapsed() >= refresh_every {
+                self.cluster.keep_alive(&pins.ids).await;
+                refreshed = std::time::Instant::now();
             }
             let index = ids.len();
             ids.push(None);
@@ -241,7 +250,10 @@ impl Node {
             });
         }
         while let Some(done) = writes.join_next().await {
-            record(Some(done), &mut ids)?;
+            record(Some(done), &mut ids, pins)?;
+        }
+        if refreshed.elapsed() >= refresh_every {
+            self.cluster.keep_alive(&pins.ids).await;
         }
         // Record order is file order, whatever order the writes finished in.
         pins.ids = ids
