@@ -402,12 +402,6 @@ impl Index {
         let meta = txn.open_table(META)?;
         Ok(meta.get(META_LIVE)?.map(|v| v.value()).unwrap_or(0))
     }
-
-    /// Number of records, tombstones included.
-    pub fn record_count(&self) -> Result<u64, IndexError> {
-        let txn = self.db.begin_read()?;
-        Ok(txn.open_table(OBJECTS)?.len()?)
-    }
 }
 
 fn decode(key: &str, bytes: &[u8]) -> Result<ObjectRecord, IndexError> {

@@ -22,7 +22,7 @@ use std::{
 use futures_util::StreamExt;
 use tokio::sync::{Notify, watch};
 
-use super::{Cluster, MemberState, sync::sleep_or_stop};
+use super::{Cluster, sync::sleep_or_stop};
 use crate::{
     crypto::ChunkId,
     index::Index,
@@ -360,13 +360,5 @@ impl Cluster {
             start
         };
         tokio::time::sleep_until(start).await;
-    }
-
-    /// Whether any member is down (repair has something to do then).
-    pub fn any_member_down(&self) -> bool {
-        self.membership
-            .peers()
-            .iter()
-            .any(|m| m.state == MemberState::Down)
     }
 }

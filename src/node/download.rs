@@ -228,8 +228,14 @@ impl Node {
         };
         check_len(id, &opened, needed)?;
         if self.cluster.owners(&id).iter().any(|o| o == &self.id) {
+            // Restore the missing or bad local copy off the read path: the
+            // client need not wait for a write and an fsync.
             let store = self.store.clone();
-            let _ = tokio::task::spawn_blocking(move || store.put(&id, &sealed)).await;
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = store.put(&id, &sealed) {
+                    tracing::warn!(chunk = %id, error = %e, "cannot restore the local copy");
+                }
+            });
         }
         Ok(self.budget.lend(opened, permit).slice(IV_LEN..))
     }

@@ -47,7 +47,7 @@ pub struct UploadMeta {
 /// it holds until it is dropped.
 struct ChunkBuf {
     data: Vec<u8>,
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// Unpins an upload's chunks when the upload ends, however it ends.
@@ -182,10 +182,7 @@ impl Node {
         let permit = self.budget.acquire(IV_LEN + capacity).await;
         let mut data = self.budget.take_buffer(IV_LEN + capacity);
         data.resize(IV_LEN, 0);
-        ChunkBuf {
-            data,
-            _permit: permit,
-        }
+        ChunkBuf { data, permit }
     }
 
     /// Makes room for `extra` more bytes, paying the budget for the growth.
@@ -198,7 +195,7 @@ impl Node {
             .max(needed)
             .min(IV_LEN + self.cfg.chunk_size);
         let more = self.budget.acquire(target - chunk.data.capacity()).await;
-        chunk._permit.merge(more);
+        chunk.permit.merge(more);
         chunk.data.reserve_exact(target - chunk.data.len());
     }
 
@@ -245,7 +242,7 @@ impl Node {
                 .await
                 .map_err(|e| ClusterError::Internal(format!("sealing stopped: {e}")))?;
                 // The budget and the buffer stay held until every copy is written.
-                let sealed = budget.lend(chunk.data, chunk._permit);
+                let sealed = budget.lend(chunk.data, chunk.permit);
                 cluster.replicate(id, sealed).await.map(|_| (index, id))
             });
         }
