@@ -28,9 +28,11 @@ pub const CHUNK: usize = 64 * 1024;
 /// How long a node may take to start listening.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Path of the `dfs` binary under test.
-pub fn dfs_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_dfs")
+/// Path of the `dfs` binary under test: the one cargo built, unless
+/// `DFS_TEST_BIN` names another (to show that a regression test fails on an
+/// older build).
+pub fn dfs_bin() -> String {
+    std::env::var("DFS_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_dfs").to_owned())
 }
 
 /// One node process and its directory (`<root>/data`, `<root>/addr`,
@@ -590,3 +592,7 @@ pub fn chunk_ids(key_file: &Path, data: &[u8]) -> Vec<dfs::crypto::ChunkId> {
 pub fn chunk_path(data_dir: &Path, id: &dfs::crypto::ChunkId) -> PathBuf {
     data_dir.join("chunks").join(dfs::store::shard_path(id))
 }
+
+pub mod cluster;
+#[allow(unused_imports)]
+pub use cluster::{FAST, TestCluster, get, put};
