@@ -21,7 +21,7 @@ pub const FAST: &[&str] = &[
 pub struct TestCluster {
     pub nodes: Vec<TestNode>,
     pub key_file: PathBuf,
-    _key_dir: tempfile::TempDir,
+    _key_dir: Option<tempfile::TempDir>,
 }
 
 impl TestCluster {
@@ -53,10 +53,27 @@ impl TestCluster {
         let cluster = Self {
             nodes,
             key_file,
-            _key_dir: key_dir,
+            _key_dir: Some(key_dir),
         };
         cluster.wait_members_up(n).await;
         cluster
+    }
+
+    /// A "cluster" of nodes started some other way; chunk ids are computed
+    /// with the first node's own `cluster.key`.
+    pub fn from_nodes(nodes: Vec<TestNode>) -> Self {
+        let key_file = nodes[0].data_dir().join("cluster.key");
+        Self {
+            nodes,
+            key_file,
+            _key_dir: None,
+        }
+    }
+
+    /// Makes the cluster own the directory of the key its nodes share.
+    pub fn adopt_key_dir(&mut self, dir: tempfile::TempDir, key_file: PathBuf) {
+        self._key_dir = Some(dir);
+        self.key_file = key_file;
     }
 
     /// Waits until every running node sees `n - 1` peers up.

@@ -40,6 +40,7 @@ pub fn dfs_bin() -> String {
 pub struct TestNode {
     root: tempfile::TempDir,
     extra: Vec<String>,
+    env: Vec<(String, String)>,
     child: Option<Child>,
     addr: Option<String>,
 }
@@ -55,6 +56,7 @@ impl TestNode {
         Self {
             root,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
             child: None,
             addr: None,
         }
@@ -63,6 +65,22 @@ impl TestNode {
     /// Adds flags for the next launch (e.g. ones naming files in [`TestNode::root`]).
     pub fn add_args(&mut self, args: &[&str]) {
         self.extra.extend(args.iter().map(|s| s.to_string()));
+    }
+
+    /// Sets an environment variable for the next launches.
+    pub fn set_env(&mut self, name: &str, value: &str) {
+        self.env.retain(|(n, _)| n != name);
+        self.env.push((name.to_owned(), value.to_owned()));
+    }
+
+    /// Runs the node's clock `offset` (e.g. "+1h") away from the machine's,
+    /// with libfaketime preloaded into the node process itself (no wrapper
+    /// process, so signals reach the node).
+    pub fn set_clock_offset(&mut self, offset: &str) {
+        let lib = faketime_lib();
+        self.set_env("LD_PRELOAD", &lib);
+        self.set_env("FAKETIME", offset);
+        self.set_env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
     }
 
     /// Replaces the extra flags for the next launch.
@@ -136,6 +154,7 @@ impl TestNode {
             .arg(&addr_file)
             .args(&self.extra)
             .env("DFS_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log handle"))
             .stderr(log)
@@ -329,6 +348,20 @@ impl Drop for TestNode {
     }
 }
 
+/// Where Debian's libfaketime lives (`apt-get install faketime`).
+pub fn faketime_lib() -> String {
+    let candidates = [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/faketime/libfaketime.so.1",
+    ];
+    candidates
+        .iter()
+        .find(|p| Path::new(p).is_file())
+        .map(|p| p.to_string())
+        .expect("libfaketime is not installed (apt-get install faketime; make test installs it)")
+}
+
 /// Every regular file below `dir`, sorted.
 pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -395,6 +428,24 @@ pub async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bo
             return false;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls the async `cond` every 100 ms until it holds or `timeout` passes.
+pub async fn wait_until_async<F, Fut>(timeout: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -596,3 +647,64 @@ pub fn chunk_path(data_dir: &Path, id: &dfs::crypto::ChunkId) -> PathBuf {
 pub mod cluster;
 #[allow(unused_imports)]
 pub use cluster::{FAST, TestCluster, get, put};
+
+/// An upload the test drives message by message: it can pause for as long
+/// as it likes between messages, then finish or abandon the call.
+pub struct OpenUpload {
+    tx: Option<tokio::sync::mpsc::Sender<UploadRequest>>,
+    call: tokio::task::JoinHandle<Result<ObjectInfo, Status>>,
+}
+
+impl OpenUpload {
+    /// Starts an Upload of `key` on `node` and sends its header.
+    pub async fn start(node: &TestNode, key: &str) -> Self {
+        let mut storage = node.storage().await;
+        let (tx, rx) = tokio::sync::mpsc::channel::<UploadRequest>(1);
+        tx.send(header_msg(key)).await.expect("queue the header");
+        let call = tokio::spawn(async move {
+            let resp = storage
+                .upload(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await?;
+            resp.into_inner()
+                .object
+                .ok_or_else(|| Status::internal("no object info in the response"))
+        });
+        Self { tx: Some(tx), call }
+    }
+
+    /// Sends `data` in messages of at most 64 KiB; false if the call ended.
+    pub async fn send(&self, data: &[u8]) -> bool {
+        let tx = self.tx.as_ref().expect("upload already finished");
+        for part in data.chunks(64 * 1024) {
+            if tx.send(data_msg(part)).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Ends the request stream and waits for the node's answer.
+    pub async fn finish(mut self) -> Result<ObjectInfo, Status> {
+        drop(self.tx.take());
+        tokio::time::timeout(Duration::from_secs(60), &mut self.call)
+            .await
+            .expect("the upload is answered within 60 s")
+            .expect("upload task")
+    }
+}
+
+/// Sends `sig` to the node's process (SIGSTOP to freeze it, SIGCONT to thaw).
+pub fn signal(node: &TestNode, sig: libc::c_int) {
+    // SAFETY: kill(2) on a child we spawned and have not reaped.
+    let rc = unsafe { libc::kill(node.pid(), sig) };
+    assert_eq!(rc, 0, "kill({sig}) failed");
+}
+
+/// A free loopback port (bound, then released), for a node that must come
+/// back on the same peer address.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind an ephemeral port")
+        .port()
+}
