@@ -281,6 +281,16 @@ impl Client {
     pub async fn status(&mut self) -> Result<StatusResponse, Status> {
         Ok(self.cluster.status(StatusRequest {}).await?.into_inner())
     }
+
+    /// Removes a dead member from the cluster for good.
+    pub async fn forget_member(&mut self, node_id: &str) -> Result<(), Status> {
+        self.cluster
+            .forget_member(crate::proto::ForgetMemberRequest {
+                node_id: node_id.to_owned(),
+            })
+            .await?;
+        Ok(())
+    }
 }
 
 impl Client {

@@ -33,6 +33,8 @@ pub struct NodeConfig {
     pub cluster_key_file: Option<PathBuf>,
     /// Peers, replication and repair.
     pub cluster: crate::cluster::ClusterConfig,
+    /// How the scrubber re-verifies stored chunks.
+    pub scrub: crate::chunks::ScrubConfig,
 }
 
 impl NodeConfig {
@@ -47,6 +49,10 @@ impl NodeConfig {
             buffer_budget: 32 << 20,
             cluster_key_file: None,
             cluster: crate::cluster::ClusterConfig::new("127.0.0.1:4040".into()),
+            scrub: crate::chunks::ScrubConfig {
+                interval: Duration::from_secs(30 * 86_400),
+                rate: 32 << 20,
+            },
         }
     }
 
@@ -67,6 +73,9 @@ impl NodeConfig {
         }
         if self.gc_interval.is_zero() {
             return Err("gc interval must be positive".into());
+        }
+        if self.scrub.interval.is_zero() || self.scrub.rate == 0 {
+            return Err("scrub interval and scrub rate must be positive".into());
         }
         Ok(())
     }

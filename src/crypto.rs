@@ -89,7 +89,10 @@ impl ClusterSecret {
             .open(path)
             .map_err(io_err)?;
         writeln!(file, "{}", self.to_hex()).map_err(io_err)?;
-        file.sync_all().map_err(io_err)
+        file.sync_all().map_err(io_err)?;
+        // The new directory entry must be durable too, or a power loss can
+        // leave data written under a key whose file is gone.
+        crate::fsutil::sync_parent(path).map_err(io_err)
     }
 }
 

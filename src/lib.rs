@@ -5,11 +5,13 @@
 
 pub mod bench;
 pub mod bufpool;
+pub mod chunks;
 pub mod cli;
 pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod crypto;
+pub mod fsutil;
 pub mod grpc;
 pub mod index;
 pub mod metrics;

@@ -57,6 +57,10 @@ pub const STORE_BYTES: &str = "dfs_store_bytes";
 pub const OBJECTS: &str = "dfs_objects_live";
 /// Other cluster members by state (`up`, `down`); this node is not counted.
 pub const MEMBERS: &str = "dfs_cluster_members";
+/// Chunks the scrubber re-read and verified.
+pub const SCRUB_CHECKED: &str = "dfs_scrub_chunks_checked_total";
+/// Bad copies found on this node's disk and quarantined.
+pub const SCRUB_CORRUPT: &str = "dfs_scrub_corrupt_found_total";
 /// Chunk copies an upload wrote to a peer (the local copy is not counted).
 pub const REPLICATED: &str = "dfs_chunks_replicated_total";
 /// Replica writes during uploads that failed (a member was skipped).
@@ -148,6 +152,16 @@ pub fn replica_failed() {
 /// Counts one chunk moved (or dropped) by repair.
 pub fn repaired(action: RepairAction) {
     counter!(REPAIRED, "action" => action.label()).increment(1);
+}
+
+/// Counts a chunk the scrubber verified.
+pub fn scrub_checked() {
+    counter!(SCRUB_CHECKED).increment(1);
+}
+
+/// Counts a bad copy found on this node's disk (by the scrubber or a read).
+pub fn scrub_found_corrupt() {
+    counter!(SCRUB_CORRUPT).increment(1);
 }
 
 /// Counts a chunk that failed verification.
@@ -316,13 +330,25 @@ fn describe() {
         Unit::Bytes,
         "Peak resident set size of the node process"
     );
+    describe_counter!(SCRUB_CHECKED, "Chunks the scrubber re-read and verified");
+    describe_counter!(
+        SCRUB_CORRUPT,
+        "Bad copies found on this node's disk and quarantined (scrubber or any read)"
+    );
     for copy in [BadCopy::Local, BadCopy::Incoming, BadCopy::Fetched] {
         counter!(VERIFY_FAILURES, "source" => copy.label()).absolute(0);
     }
     for action in [RepairAction::Push, RepairAction::Pull, RepairAction::Drop] {
         counter!(REPAIRED, "action" => action.label()).absolute(0);
     }
-    for name in [UPLOAD_BYTES, DOWNLOAD_BYTES, REPLICATED, REPLICA_FAILURES] {
+    for name in [
+        UPLOAD_BYTES,
+        DOWNLOAD_BYTES,
+        REPLICATED,
+        REPLICA_FAILURES,
+        SCRUB_CHECKED,
+        SCRUB_CORRUPT,
+    ] {
         counter!(name).absolute(0);
     }
 }

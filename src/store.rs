@@ -163,19 +163,31 @@ impl ChunkStore {
         }
     }
 
-    /// Stores a sealed chunk durably under `id`, unless it is already there.
-    /// The caller vouches that `sealed` is the sealing of the plaintext whose
-    /// id is `id`. Blocking: call from a blocking thread.
-    pub fn put(&self, id: &ChunkId, sealed: &[u8]) -> Result<PutOutcome, StoreError> {
+    /// Stores a sealed chunk durably under `id`, unless a good copy is already
+    /// there. The caller vouches that `sealed` is the sealing of the plaintext
+    /// whose id is `id`; `is_good` judges an existing copy (the store cannot:
+    /// it holds no keys). An existing copy that is not good is moved to
+    /// quarantine and replaced, so a rotten file never passes for a stored
+    /// chunk. Blocking: call from a blocking thread.
+    pub fn put(
+        &self,
+        id: &ChunkId,
+        sealed: &[u8],
+        is_good: &dyn Fn(&[u8]) -> bool,
+    ) -> Result<PutOutcome, StoreError> {
         let path = self.path_of(id);
         {
             let _guard = self.stripe(id);
-            if let Ok(file) = File::options().write(true).open(&path) {
-                // Refreshing the mtime tells the collector this chunk is in
-                // use again; the stripe lock orders it against a deletion.
-                file.set_modified(SystemTime::now())
-                    .map_err(|e| StoreError::io("touch", &path, e))?;
-                return Ok(PutOutcome::AlreadyPresent);
+            if let Some(existing) = self.read_existing(&path, sealed.len())? {
+                if is_good(&existing) {
+                    // Refreshing the mtime tells the collector this chunk is
+                    // in use again; the stripe lock orders it against a
+                    // deletion.
+                    touch_file(&path)?;
+                    return Ok(PutOutcome::AlreadyPresent);
+                }
+                tracing::error!(chunk = %id, "a stored copy failed verification on a write of the same chunk; replacing it");
+                self.quarantine_locked(id)?;
             }
         }
         // The bytes are counted (reserved) before the write, in one atomic
@@ -217,6 +229,33 @@ impl ChunkStore {
         })
     }
 
+    /// The bytes of an existing chunk file, if there is one; a file whose
+    /// length differs from `expected_len` (every sealing of one plaintext has
+    /// the same length) comes back empty so that it is judged bad unread.
+    fn read_existing(
+        &self,
+        path: &Path,
+        expected_len: usize,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StoreError::io("open", path, e)),
+        };
+        let len = file
+            .metadata()
+            .map_err(|e| StoreError::io("stat", path, e))?
+            .len();
+        if len != expected_len as u64 {
+            return Ok(Some(Vec::new()));
+        }
+        let mut buf = Vec::with_capacity(expected_len);
+        file.take(expected_len as u64)
+            .read_to_end(&mut buf)
+            .map_err(|e| StoreError::io("read", path, e))?;
+        Ok(Some(buf))
+    }
+
     /// Writes `bytes` to `tmp`, fsyncs, and renames it to `dest`. Returns
     /// `false` (and drops the temporary file) when a concurrent put of the
     /// same id got there first: the check and the rename happen under the
@@ -253,9 +292,10 @@ impl ChunkStore {
             .map_err(|e| StoreError::io("rename", tmp, e))?;
         let stored = {
             let _guard = self.stripe(id);
-            if let Ok(file) = File::options().write(true).open(dest) {
-                file.set_modified(SystemTime::now())
-                    .map_err(|e| StoreError::io("touch", dest, e))?;
+            if dest.exists() {
+                // A concurrent put of the same id renamed its (good) copy
+                // in first; ours is the same chunk.
+                touch_file(dest)?;
                 let _ = fs::remove_file(tmp);
                 false
             } else {
@@ -314,6 +354,11 @@ impl ChunkStore {
     /// inspection. A later write of the same id stores a fresh, good copy.
     pub fn quarantine(&self, id: &ChunkId) -> Result<PathBuf, StoreError> {
         let _guard = self.stripe(id);
+        self.quarantine_locked(id)
+    }
+
+    /// [`ChunkStore::quarantine`] with the id's stripe lock already held.
+    fn quarantine_locked(&self, id: &ChunkId) -> Result<PathBuf, StoreError> {
         let from = self.path_of(id);
         let stamp = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -359,34 +404,45 @@ impl ChunkStore {
         &self,
         mut f: impl FnMut(ChunkId, u64, SystemTime),
     ) -> Result<(), StoreError> {
-        let read = |dir: &Path| fs::read_dir(dir).map_err(|e| StoreError::io("read", dir, e));
-        for top in read(&self.chunks)? {
-            let top = top
-                .map_err(|e| StoreError::io("read", &self.chunks, e))?
-                .path();
-            if !top.is_dir() {
-                continue;
-            }
-            for shard in read(&top)? {
-                let shard = shard.map_err(|e| StoreError::io("read", &top, e))?.path();
-                if !shard.is_dir() {
-                    continue;
-                }
-                for entry in read(&shard)? {
-                    let entry = entry.map_err(|e| StoreError::io("read", &shard, e))?;
-                    let name = entry.file_name();
-                    let id = name.to_str().and_then(|n| n.parse::<ChunkId>().ok());
-                    let Some(id) = id else {
-                        tracing::warn!(path = %entry.path().display(), "ignoring a file that is not a chunk");
-                        continue;
-                    };
-                    let Ok(meta) = entry.metadata() else { continue };
-                    let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-                    f(id, meta.len(), mtime);
-                }
+        for shard in self.shard_dirs()? {
+            for (id, len, mtime) in self.list_shard(&shard)? {
+                f(id, len, mtime);
             }
         }
         Ok(())
+    }
+
+    /// The shard directories (`chunks/ab/cd`), in order: a walk can go one
+    /// small directory at a time instead of listing every chunk at once.
+    pub fn shard_dirs(&self) -> Result<Vec<PathBuf>, StoreError> {
+        let mut out = Vec::new();
+        for top in sorted_subdirs(&self.chunks)? {
+            out.extend(sorted_subdirs(&top)?);
+        }
+        Ok(out)
+    }
+
+    /// The chunks in one shard directory: `(id, length, mtime)`. A shard that
+    /// vanished meanwhile is empty.
+    pub fn list_shard(&self, shard: &Path) -> Result<Vec<(ChunkId, u64, SystemTime)>, StoreError> {
+        let entries = match fs::read_dir(shard) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(StoreError::io("read", shard, e)),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| StoreError::io("read", shard, e))?;
+            let name = entry.file_name();
+            let Some(id) = name.to_str().and_then(|n| n.parse::<ChunkId>().ok()) else {
+                tracing::warn!(path = %entry.path().display(), "ignoring a file that is not a chunk");
+                continue;
+            };
+            let Ok(meta) = entry.metadata() else { continue };
+            let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+            out.push((id, meta.len(), mtime));
+        }
+        Ok(out)
     }
 
     /// Number of chunks and bytes of chunk files held.
@@ -398,16 +454,35 @@ impl ChunkStore {
     }
 }
 
+/// Resets a file's mtime to now (what the collector reads as "in use").
+fn touch_file(path: &Path) -> Result<(), StoreError> {
+    File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_modified(SystemTime::now()))
+        .map_err(|e| StoreError::io("touch", path, e))
+}
+
 /// A chunk's path below `chunks/`: `ab/cd/<40 hex>`.
 pub fn shard_path(id: &ChunkId) -> PathBuf {
     let hex = id.to_hex();
     PathBuf::from(&hex[0..2]).join(&hex[2..4]).join(hex)
 }
 
+fn sorted_subdirs(dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).map_err(|e| StoreError::io("read", dir, e))? {
+        let path = entry.map_err(|e| StoreError::io("read", dir, e))?.path();
+        if path.is_dir() {
+            out.push(path);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| StoreError::io("fsync directory", dir, e))
+    crate::fsutil::sync_dir(dir).map_err(|e| StoreError::io("fsync directory", dir, e))
 }
 
 /// Test-only fault injection for the atomic write path. Compiled to nothing
@@ -467,9 +542,12 @@ mod tests {
     fn put_is_durable_readable_and_deduplicated() {
         let dir = tempfile::tempdir().unwrap();
         let store = ChunkStore::open(dir.path(), None).unwrap();
-        assert_eq!(store.put(&id(1), b"sealed").unwrap(), PutOutcome::Stored);
         assert_eq!(
-            store.put(&id(1), b"sealed").unwrap(),
+            store.put(&id(1), b"sealed", &|_| true).unwrap(),
+            PutOutcome::Stored
+        );
+        assert_eq!(
+            store.put(&id(1), b"sealed", &|_| true).unwrap(),
             PutOutcome::AlreadyPresent
         );
         assert_eq!(store.read(&id(1), 100).unwrap(), b"sealed");
@@ -482,12 +560,35 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_existing_copy_is_quarantined_and_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path(), None).unwrap();
+        store.put(&id(2), b"rotten", &|_| true).unwrap();
+        let good = |bytes: &[u8]| bytes == b"sealed";
+        assert_eq!(
+            store.put(&id(2), b"sealed", &good).unwrap(),
+            PutOutcome::Stored
+        );
+        assert_eq!(store.read(&id(2), 100).unwrap(), b"sealed");
+        assert_eq!(
+            fs::read_dir(dir.path().join("quarantine")).unwrap().count(),
+            1
+        );
+        assert_eq!(store.usage(), (1, 6));
+        // A good copy is a dedup hit.
+        assert_eq!(
+            store.put(&id(2), b"sealed", &good).unwrap(),
+            PutOutcome::AlreadyPresent
+        );
+    }
+
+    #[test]
     fn injected_failure_leaves_no_chunk_and_no_temp_file() {
         for stage in [failpoint::Stage::BeforeSync, failpoint::Stage::BeforeRename] {
             let dir = tempfile::tempdir().unwrap();
             let store = ChunkStore::open(dir.path(), None).unwrap();
             failpoint::ARMED.with(|a| a.set(Some(stage)));
-            let err = store.put(&id(3), b"half").unwrap_err();
+            let err = store.put(&id(3), b"half", &|_| true).unwrap_err();
             failpoint::ARMED.with(|a| a.set(None));
             assert!(err.to_string().contains("injected"), "{err}");
             assert!(
@@ -497,7 +598,10 @@ mod tests {
             assert_eq!(fs::read_dir(store.tmp_dir()).unwrap().count(), 0);
             assert_eq!(store.usage(), (0, 0));
             // The next attempt succeeds.
-            assert_eq!(store.put(&id(3), b"whole").unwrap(), PutOutcome::Stored);
+            assert_eq!(
+                store.put(&id(3), b"whole", &|_| true).unwrap(),
+                PutOutcome::Stored
+            );
             assert_eq!(store.read(&id(3), 100).unwrap(), b"whole");
         }
     }
@@ -507,7 +611,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = ChunkStore::open(dir.path(), None).unwrap();
-            store.put(&id(4), b"abc").unwrap();
+            store.put(&id(4), b"abc", &|_| true).unwrap();
             fs::write(store.tmp_dir().join("leftover"), b"partial").unwrap();
         }
         let store = ChunkStore::open(dir.path(), None).unwrap();
@@ -519,9 +623,9 @@ mod tests {
     fn capacity_limit_reports_disk_full_and_keeps_existing_data() {
         let dir = tempfile::tempdir().unwrap();
         let store = ChunkStore::open(dir.path(), Some(10)).unwrap();
-        store.put(&id(5), b"12345678").unwrap();
+        store.put(&id(5), b"12345678", &|_| true).unwrap();
         assert!(matches!(
-            store.put(&id(6), b"123"),
+            store.put(&id(6), b"123", &|_| true),
             Err(StoreError::DiskFull(_))
         ));
         assert_eq!(store.read(&id(5), 100).unwrap(), b"12345678");
@@ -531,7 +635,7 @@ mod tests {
     fn oversized_file_is_corrupt_and_quarantine_moves_it_aside() {
         let dir = tempfile::tempdir().unwrap();
         let store = ChunkStore::open(dir.path(), None).unwrap();
-        store.put(&id(7), &[0u8; 64]).unwrap();
+        store.put(&id(7), &[0u8; 64], &|_| true).unwrap();
         assert!(matches!(
             store.read(&id(7), 32),
             Err(StoreError::Corrupt { .. })
@@ -546,7 +650,7 @@ mod tests {
     fn remove_if_older_respects_the_cutoff() {
         let dir = tempfile::tempdir().unwrap();
         let store = ChunkStore::open(dir.path(), None).unwrap();
-        store.put(&id(8), b"x").unwrap();
+        store.put(&id(8), b"x", &|_| true).unwrap();
         let past = SystemTime::now() - std::time::Duration::from_secs(60);
         assert!(!store.remove_if_older(&id(8), past).unwrap());
         let future = SystemTime::now() + std::time::Duration::from_secs(60);

@@ -30,6 +30,11 @@ async fn make_garbage(node: &TestNode, key: &str) -> Vec<u8> {
 /// acknowledged object must be whole.
 async fn paused_upload_is_whole(c: &TestCluster, gateway: usize) {
     let garbage = make_garbage(&c.nodes[gateway], "garbage").await;
+    // An upload's lease spares what was written since it began (with two
+    // seconds of slack); the garbage must be older than that, yet still
+    // inside its grace period when the upload starts, so that its
+    // collection proves the collector ran during the pause.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     let data = pseudo_random(778, 16 * CHUNK + 100);
     let upload = OpenUpload::start(&c.nodes[gateway], "paused").await;
     assert!(upload.send(&data[..8 * CHUNK]).await);

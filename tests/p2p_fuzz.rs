@@ -104,6 +104,7 @@ mod p2p_fuzz {
                         members,
                         chunk_count: 3,
                         bytes_stored: 1 << 40,
+                        ..Default::default()
                     }),
                     None,
                 )
@@ -117,6 +118,7 @@ mod p2p_fuzz {
                 (
                     Kind::PutChunk(PutChunk {
                         chunk_id: Bytes::from_static(&[7; 20]),
+                        lease: None,
                     }),
                     Some((body, cuts)),
                 )

@@ -68,7 +68,7 @@ mod p2p_loopback {
                 Some(Kind::Ping(ping)) => Kind::Pong(Pong {
                     members: ping.members,
                     chunk_count: 42,
-                    bytes_stored: 0,
+                    ..Default::default()
                 }),
                 Some(Kind::PutChunk(_)) => Kind::PutChunkReply(PutChunkReply {
                     stored: body.is_some(),
@@ -110,8 +110,7 @@ mod p2p_loopback {
                         addr: (*addr).into(),
                     })
                     .collect(),
-                chunk_count: 0,
-                bytes_stored: 0,
+                ..Default::default()
             })),
         }
     }
@@ -121,6 +120,7 @@ mod p2p_loopback {
             has_body: false, // the pool sets it from the body
             kind: Some(Kind::PutChunk(PutChunk {
                 chunk_id: Bytes::from_static(&[0xab; 20]),
+                lease: None,
             })),
         }
     }

@@ -60,7 +60,7 @@ mod p2p_protocol_doc {
                     addr: "10.0.0.2:7000".into(),
                 }],
                 chunk_count: 3,
-                bytes_stored: 0,
+                ..Default::default()
             })),
         }
     }
@@ -70,6 +70,7 @@ mod p2p_protocol_doc {
             has_body: false,
             kind: Some(Kind::PutChunk(PutChunk {
                 chunk_id: Bytes::from_static(&[0xab; 20]),
+                lease: None,
             })),
         }
     }

@@ -73,6 +73,34 @@ pub struct RmArgs {
 }
 
 #[derive(Args)]
+pub struct MembersArgs {
+    #[command(subcommand)]
+    command: Option<MembersCommand>,
+    /// Print JSON
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(clap::Subcommand)]
+pub enum MembersCommand {
+    /// Remove a dead member for good: it stops counting at once on every
+    /// node, repair re-replicates what it held, and it is refused if it ever
+    /// comes back (a node needs a fresh data dir to rejoin). Refused while
+    /// the member is up.
+    Forget(ForgetArgs),
+}
+
+#[derive(Args)]
+pub struct ForgetArgs {
+    /// The member's node id (see `dfs members`)
+    node_id: String,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Args)]
 pub struct StatusArgs {
     /// Print the result as JSON
     #[arg(long)]
@@ -273,26 +301,34 @@ pub async fn rm(args: RmArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn members_json(s: &crate::proto::StatusResponse) -> Vec<serde_json::Value> {
+    s.members
+        .iter()
+        .map(|m| {
+            json!({"node_id": m.node_id, "address": m.address, "state": m.state,
+            "last_seen_unix_ms": m.last_seen_unix_ms, "chunk_count": m.chunk_count,
+            "bytes_stored": m.bytes_stored})
+        })
+        .collect()
+}
+
 pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let mut client = args.client.connect().await?;
     let s = client.status().await?;
+    let scrub = s.scrub.unwrap_or_default();
     if args.json {
-        let members: Vec<_> = s
-            .members
-            .iter()
-            .map(|m| {
-                json!({"node_id": m.node_id, "address": m.address, "state": m.state,
-                "last_seen_unix_ms": m.last_seen_unix_ms, "chunk_count": m.chunk_count,
-                "bytes_stored": m.bytes_stored})
-            })
-            .collect();
         println!(
             "{}",
             json!({"node_id": s.node_id, "grpc_address": s.grpc_address,
                 "p2p_address": s.p2p_address, "object_count": s.object_count,
                 "chunk_count": s.chunk_count, "bytes_stored": s.bytes_stored,
                 "repair_backlog": s.repair_backlog, "peak_rss_bytes": s.peak_rss_bytes,
-                "version": s.version, "members": members})
+                "version": s.version, "writable": s.writable,
+                "not_ready_reason": s.not_ready_reason,
+                "scrub": {"passes": scrub.passes, "checked_this_pass": scrub.checked_this_pass,
+                    "checked_total": scrub.checked_total, "corrupt_found": scrub.corrupt_found,
+                    "last_pass_end_unix_ms": scrub.last_pass_end_unix_ms},
+                "members": members_json(&s)})
         );
         return Ok(());
     }
@@ -307,6 +343,40 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     );
     println!("peak rss:  {}", crate::units::format_size(s.peak_rss_bytes));
     println!("repair:    {} chunks waiting", s.repair_backlog);
+    println!(
+        "scrub:     {} passes, {} checked this pass, {} bad copies found",
+        scrub.passes, scrub.checked_this_pass, scrub.corrupt_found
+    );
+    if s.writable {
+        println!("writes:    accepted");
+    } else {
+        println!("writes:    REFUSED: {}", s.not_ready_reason);
+    }
+    print_members(&s);
+    Ok(())
+}
+
+pub async fn members(args: MembersArgs) -> anyhow::Result<()> {
+    if let Some(MembersCommand::Forget(forget)) = &args.command {
+        let mut client = forget.client.connect().await?;
+        client.forget_member(&forget.node_id).await?;
+        println!(
+            "forgot member {}: it no longer counts anywhere, and repair re-replicates what it held",
+            forget.node_id
+        );
+        return Ok(());
+    }
+    let mut client = args.client.connect().await?;
+    let s = client.status().await?;
+    if args.json {
+        println!("{}", serde_json::Value::Array(members_json(&s)));
+        return Ok(());
+    }
+    print_members(&s);
+    Ok(())
+}
+
+fn print_members(s: &crate::proto::StatusResponse) {
     println!("members:");
     let now = crate::units::unix_ms();
     for m in &s.members {
@@ -315,7 +385,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
             t => format!("seen {:.1}s ago", now.saturating_sub(t) as f64 / 1000.0),
         };
         println!(
-            "  {}  {:<21}  {:<5}  {:<16}  {} chunks  {}",
+            "  {}  {:<21}  {:<7}  {:<16}  {} chunks  {}",
             m.node_id,
             m.address,
             m.state,
@@ -324,5 +394,4 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
             crate::units::format_size(m.bytes_stored)
         );
     }
-    Ok(())
 }

@@ -31,7 +31,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a storage node
-    Node(NodeArgs),
+    Node(Box<NodeArgs>),
     /// Upload a file
     Put(client_cmds::PutArgs),
     /// Download a file
@@ -44,6 +44,8 @@ enum Command {
     Rm(client_cmds::RmArgs),
     /// Show the node's status
     Status(client_cmds::StatusArgs),
+    /// List the cluster's members, or forget a dead one for good
+    Members(client_cmds::MembersArgs),
     /// Write a new random cluster secret to a file
     Keygen(KeygenArgs),
     /// Run a local demo: store the files in test_files/ and recover them
@@ -109,7 +111,7 @@ pub fn duration_arg(text: &str) -> Result<std::time::Duration, String> {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Node(args) => node_cmd::run(args),
+        Command::Node(args) => node_cmd::run(*args),
         Command::Keygen(args) => keygen(args),
         other => run_client(other),
     };
@@ -134,6 +136,7 @@ fn run_client(command: Command) -> anyhow::Result<ExitCode> {
             Command::Stat(a) => client_cmds::stat(a).await,
             Command::Rm(a) => client_cmds::rm(a).await,
             Command::Status(a) => client_cmds::status(a).await,
+            Command::Members(a) => client_cmds::members(a).await,
             Command::Demo(a) => demo::run(a).await,
             Command::Bench(a) => crate::bench::run(a).await,
             Command::Node(_) | Command::Keygen(_) => unreachable!("handled before"),

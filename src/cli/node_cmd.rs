@@ -56,6 +56,18 @@ pub struct NodeArgs {
     /// How often the repair pass runs (it also runs when membership changes)
     #[arg(long, env = "DFS_REPAIR_INTERVAL", default_value = "60s", value_parser = duration_arg)]
     pub repair_interval: Duration,
+    /// Longest a request to a peer may take before that peer counts as failed for it (a replica write then moves on to the next owner)
+    #[arg(long, env = "DFS_PEER_TIMEOUT", default_value = "10s", value_parser = duration_arg)]
+    pub peer_timeout: Duration,
+    /// Largest clock difference between nodes tolerated: records stamped further ahead are refused, and a node whose clock is further from its peers' refuses writes
+    #[arg(long, env = "DFS_MAX_CLOCK_SKEW", default_value = "1m", value_parser = duration_arg)]
+    pub max_clock_skew: Duration,
+    /// Target duration of one scrub pass (every stored chunk re-read and verified)
+    #[arg(long, env = "DFS_SCRUB_INTERVAL", default_value = "30d", value_parser = duration_arg)]
+    pub scrub_interval: Duration,
+    /// Most bytes per second the scrubber reads
+    #[arg(long, env = "DFS_SCRUB_RATE", default_value = "32MiB", value_parser = size_arg)]
+    pub scrub_rate: u64,
     /// Repair transfer budget per second on this node (lower it to leave more to clients)
     #[arg(long, env = "DFS_REPAIR_RATE", default_value = "256MiB", value_parser = size_arg)]
     pub repair_rate: u64,
@@ -140,6 +152,12 @@ pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     cfg.cluster.sync_interval = args.sync_interval;
     cfg.cluster.repair_interval = args.repair_interval;
     cfg.cluster.repair_rate = args.repair_rate;
+    cfg.cluster.max_clock_skew = args.max_clock_skew;
+    cfg.cluster.peer_timeout = args.peer_timeout;
+    cfg.scrub = crate::chunks::ScrubConfig {
+        interval: args.scrub_interval,
+        rate: args.scrub_rate,
+    };
     anyhow::ensure!(
         args.write_quorum.is_none_or(|w| w <= args.replicas),
         "--write-quorum ({}) cannot exceed --replicas ({})",
@@ -156,6 +174,13 @@ pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         node.cluster().start(stop_rx.clone()).await?;
         tokio::spawn(gc_loop(node.clone()));
+        let cluster = node.cluster().clone();
+        tokio::spawn(crate::chunks::run_scrubber(
+            node.chunks().clone(),
+            node.config().scrub,
+            move |id| cluster.chunk_lost(id),
+            stop_rx.clone(),
+        ));
         if let Some(addr) = &args.metrics.metrics_addr {
             let sampler = node_gauges(node.clone());
             let file = args.metrics.metrics_addr_file.as_deref();

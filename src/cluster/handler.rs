@@ -4,15 +4,19 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::{Cluster, code, membership::Change};
+use super::{
+    Cluster, code,
+    membership::{Change, Contact},
+};
 use crate::{
+    chunks::ChunkError,
     crypto::ChunkId,
     p2p::{PeerHandler, PeerInfo},
     proto::{
-        GetChunkReply, GetRecordReply, HasChunksReply, IndexSyncReply, IndexUpdateReply, PeerError,
-        PeerMessage, Pong, PutChunkReply, get_record, peer_message::Kind,
+        GetChunkReply, GetRecordReply, HasChunksReply, IndexSyncReply, IndexUpdateReply, Lease,
+        PeerError, PeerMessage, Pong, PutChunkReply, RenewLeasesReply, get_record,
+        peer_message::Kind,
     },
-    store::StoreError,
 };
 
 /// Serves peer requests from this node's store and index.
@@ -56,27 +60,47 @@ impl PeerHandler for PeerService {
     ) -> (PeerMessage, Option<Bytes>) {
         let c = &self.cluster;
         // Any authenticated request is a sign of life.
-        let usage = match &msg.kind {
-            Some(Kind::Ping(p)) => Some((p.chunk_count, p.bytes_stored)),
-            _ => None,
+        let contact = match &msg.kind {
+            Some(Kind::Ping(p)) => Contact {
+                usage: Some((p.chunk_count, p.bytes_stored)),
+                // One way: the ping's send time against our receive time.
+                clock_offset_ms: (p.unix_ms > 0)
+                    .then(|| p.unix_ms as i64 - crate::units::unix_ms() as i64),
+            },
+            _ => Contact::default(),
         };
-        if c.membership
-            .observe(&peer.node_id, &peer.advertised_addr, usage)
-            != Change::None
+        match c
+            .membership
+            .observe(&peer.node_id, &peer.advertised_addr, contact)
         {
-            c.member_appeared(&peer.node_id, &peer.advertised_addr);
+            Change::None => {}
+            Change::Refused => {
+                tracing::warn!(peer = %peer.node_id, "a forgotten node tried to take part; refused");
+                return error(
+                    code::FAILED_PRECONDITION,
+                    "this node was removed from the cluster (dfs members forget); \
+                     it needs a fresh data directory to rejoin",
+                );
+            }
+            Change::Joined | Change::Recovered => {
+                c.member_appeared(&peer.node_id, &peer.advertised_addr)
+            }
         }
         match msg.kind {
             Some(Kind::Ping(p)) => {
-                for addr in c.membership.learn(&p.members) {
-                    tracing::info!(addr = %addr, from = %peer.node_id, "learned of a new member");
-                }
-                let (chunk_count, bytes_stored) = c.store.usage();
+                c.learn_from_peer(&peer.node_id, &p.members, &p.forgotten);
+                let (chunk_count, bytes_stored) = c.chunks.store().usage();
                 reply(Kind::Pong(Pong {
                     members: c.membership.for_exchange(c.advertised_addr()),
                     chunk_count,
                     bytes_stored,
+                    forgotten: c.membership.forgotten(),
+                    unix_ms: crate::units::unix_ms(),
                 }))
+            }
+            Some(Kind::RenewLeases(r)) => {
+                c.hold_leases(&r.leases);
+                reply(Kind::RenewLeasesReply(RenewLeasesReply {}))
             }
             Some(Kind::PutChunk(p)) => {
                 let Some(id) = ChunkId::from_slice(&p.chunk_id) else {
@@ -85,16 +109,19 @@ impl PeerHandler for PeerService {
                 let Some(sealed) = body else {
                     return error(code::INVALID_ARGUMENT, "PutChunk needs a body");
                 };
-                let (keys, store) = (c.keys.clone(), c.store.clone());
+                // The lease first: from now on the collector spares the copy.
+                if let Some(lease) = &p.lease {
+                    c.hold_leases(std::slice::from_ref(lease));
+                }
+                let chunks = c.chunks.clone();
+                // Verified before it becomes durable (and an existing copy
+                // only counts if it verifies): a bad copy never counts.
                 let result = tokio::task::spawn_blocking(move || {
-                    // Verify before the chunk becomes durable: a bad copy
-                    // must never count as a replica.
-                    keys.verify_sealed(&sealed, &id).map_err(|e| {
-                        crate::metrics::verification_failed(crate::metrics::BadCopy::Incoming);
-                        (code::DATA_LOSS, format!("refused chunk {id}: {e}"))
-                    })?;
-                    store.put(&id, &sealed).map_err(|e| match e {
-                        StoreError::DiskFull(m) => (code::RESOURCE_EXHAUSTED, m),
+                    chunks.put_received(&id, &sealed).map_err(|e| match e {
+                        ChunkError::DiskFull(m) => (code::RESOURCE_EXHAUSTED, m),
+                        ChunkError::Corrupt { .. } => {
+                            (code::DATA_LOSS, format!("refused chunk {id}: {e}"))
+                        }
                         other => (code::INTERNAL, other.to_string()),
                     })
                 })
@@ -121,18 +148,12 @@ impl PeerHandler for PeerService {
                 }
             }
             Some(Kind::HasChunks(h)) => {
-                let store = c.store.clone();
+                let chunks = c.chunks.clone();
                 let present = tokio::task::spawn_blocking(move || {
                     h.chunk_ids
                         .iter()
                         .map(|raw| {
-                            ChunkId::from_slice(raw).is_some_and(|id| {
-                                if h.touch {
-                                    store.touch(&id)
-                                } else {
-                                    store.contains(&id)
-                                }
-                            })
+                            ChunkId::from_slice(raw).is_some_and(|id| chunks.holds(&id, h.verify))
                         })
                         .collect()
                 })
@@ -141,8 +162,11 @@ impl PeerHandler for PeerService {
                 reply(Kind::HasChunksReply(HasChunksReply { present }))
             }
             Some(Kind::IndexUpdate(u)) => {
-                let applied = c.apply_records(u.records).await;
-                reply(Kind::IndexUpdateReply(IndexUpdateReply { applied }))
+                let (applied, durable) = c.apply_records(u.records).await;
+                reply(Kind::IndexUpdateReply(IndexUpdateReply {
+                    applied,
+                    durable,
+                }))
             }
             Some(Kind::IndexSync(s)) => {
                 let index = c.index.clone();
@@ -208,21 +232,23 @@ impl Cluster {
     /// Reads a local chunk and verifies it; a copy that fails is moved to
     /// quarantine (repair later restores a good one) and reported absent.
     pub async fn read_verified(&self, id: ChunkId) -> Option<Bytes> {
-        let (store, keys, max) = (self.store.clone(), self.keys.clone(), self.cfg.max_chunk);
-        let result = tokio::task::spawn_blocking(move || {
-            let sealed = store.read(&id, max)?;
-            if let Err(e) = keys.verify_sealed(&sealed, &id) {
-                crate::metrics::verification_failed(crate::metrics::BadCopy::Local);
-                let _ = store.quarantine(&id);
-                tracing::error!(chunk = %id, error = %e, "local chunk failed verification; moved to quarantine");
-                return Err(StoreError::Corrupt { id, reason: e.to_string() });
-            }
-            Ok(Bytes::from(sealed))
-        })
-        .await;
-        match result {
-            Ok(Ok(b)) => Some(b),
+        let chunks = self.chunks.clone();
+        match tokio::task::spawn_blocking(move || chunks.read_verified(&id)).await {
+            Ok(Ok(sealed)) => Some(Bytes::from(sealed)),
             _ => None,
+        }
+    }
+
+    /// Holds (or renews) leases a gateway granted on this node.
+    fn hold_leases(&self, leases: &[Lease]) {
+        let max_ttl = self.cfg.lease_ttl.max(std::time::Duration::from_secs(60));
+        for lease in leases {
+            let Ok(id) = <[u8; 16]>::try_from(lease.id.as_ref()) else {
+                continue;
+            };
+            let ttl = std::time::Duration::from_millis(lease.ttl_ms).min(max_ttl);
+            let age = std::time::Duration::from_millis(lease.age_ms);
+            self.chunks.leases().hold(id, age, ttl);
         }
     }
 }

@@ -4,7 +4,9 @@
 //! A node that was never started as part of a cluster (no peers, `start` not
 //! called) is a cluster of one: every chunk's only owner is itself.
 
+mod commit;
 mod handler;
+pub mod lease;
 pub mod membership;
 pub mod placement;
 mod repair;
@@ -19,17 +21,16 @@ use std::{
 use bytes::Bytes;
 use tokio::sync::watch;
 
+pub use lease::UploadLease;
 pub use membership::{MemberState, MemberView, Membership};
+pub use sync::ForgetError;
 
 use crate::{
+    chunks::{ChunkError, Chunks},
     crypto::{ChunkId, IV_LEN, Keys},
     index::Index,
     p2p::{self, Identity, Limits, PeerPool},
-    proto::{
-        GetChunk, GetRecord, HasChunks, IndexUpdate, ObjectRecord, PeerMessage, PutChunk,
-        get_record, peer_message::Kind,
-    },
-    store::ChunkStore,
+    proto::{GetChunk, PeerMessage, PutChunk, peer_message::Kind},
 };
 
 /// Records pushed or pulled per index message.
@@ -49,12 +50,30 @@ pub enum ClusterError {
     /// No reachable node holds a chunk that verifies.
     #[error("no node holds a verified copy of chunk {id}: {reasons}")]
     ChunkUnavailable { id: ChunkId, reasons: String },
-    /// The local store refused a write for lack of space.
+    /// The local store refused a write for lack of space, or a write fell
+    /// short of the write rule because an owner's disk is full.
     #[error("{0}")]
     DiskFull(String),
+    /// The node cannot accept writes now (too few members reachable for
+    /// the write rule, or its clock disagrees with theirs).
+    #[error("{0}")]
+    NotWritable(String),
+    /// A record (object or tombstone) is durable on fewer nodes than the
+    /// write rule requires. It is on this node, and may still reach the
+    /// others (whole) through index sync.
+    #[error("the record is durable on {copies} node(s), {required} required: {reasons}")]
+    RecordNotDurable {
+        copies: usize,
+        required: usize,
+        reasons: String,
+    },
     /// A peer could not be reached or broke the exchange off.
     #[error("unreachable: {0}")]
     Unreachable(String),
+    /// The node that answered at a member's address proved to be another
+    /// node: nothing it said counts for the member.
+    #[error("the address of member {member} answers as node {answered}")]
+    WrongNode { member: String, answered: String },
     #[error("{0}")]
     Internal(String),
 }
@@ -83,6 +102,15 @@ pub struct ClusterConfig {
     pub repair_rate: u64,
     /// Largest sealed chunk a peer may send.
     pub max_chunk: usize,
+    /// Largest difference between this node's clock and its peers' that the
+    /// cluster tolerates: records stamped further ahead are refused, and a
+    /// node whose clock is further from its peers' refuses writes.
+    pub max_clock_skew: Duration,
+    /// How long a lease of an upload in progress holds without renewal.
+    pub lease_ttl: Duration,
+    /// Longest a peer request may take (connect, handshake, request, reply)
+    /// before the peer counts as failed for it.
+    pub peer_timeout: Duration,
 }
 
 impl ClusterConfig {
@@ -99,6 +127,9 @@ impl ClusterConfig {
             repair_interval: Duration::from_secs(60),
             repair_rate: 256 << 20,
             max_chunk: crate::config::MAX_CHUNK_SIZE + IV_LEN,
+            max_clock_skew: Duration::from_secs(60),
+            lease_ttl: Duration::from_secs(60),
+            peer_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -108,7 +139,7 @@ pub struct Cluster {
     node_id: String,
     cfg: ClusterConfig,
     keys: Keys,
-    store: Arc<ChunkStore>,
+    chunks: Arc<Chunks>,
     index: Arc<Index>,
     membership: Membership,
     /// Set by `start`, once the advertised address is known.
@@ -124,7 +155,7 @@ impl Cluster {
         node_id: String,
         cfg: ClusterConfig,
         keys: Keys,
-        store: Arc<ChunkStore>,
+        chunks: Arc<Chunks>,
         index: Arc<Index>,
         members_file: Option<std::path::PathBuf>,
     ) -> Self {
@@ -133,7 +164,7 @@ impl Cluster {
             node_id,
             cfg,
             keys,
-            store,
+            chunks,
             index,
             pool: OnceLock::new(),
             advertised: OnceLock::new(),
@@ -166,6 +197,8 @@ impl Cluster {
         };
         let limits = Limits {
             max_body: self.cfg.max_chunk,
+            request_timeout: self.cfg.peer_timeout,
+            connect_timeout: Limits::default().connect_timeout.min(self.cfg.peer_timeout),
             ..Limits::default()
         };
         let _ = self.advertised.set(advertised.clone());
@@ -212,14 +245,26 @@ impl Cluster {
         self.pool.get()
     }
 
-    /// R for this cluster: the configured replica count, capped at the
-    /// number of known members.
-    pub fn replicas(&self) -> usize {
-        self.cfg.replicas.clamp(1, self.membership.size())
+    /// Whether this node runs alone by design: no peers configured, none
+    /// remembered or heard of. Only then do R and W fall to 1; a node that
+    /// was told it is part of a cluster applies the configured rule even
+    /// while it cannot reach anyone.
+    pub fn standalone(&self) -> bool {
+        self.cfg.peers.is_empty() && self.membership.size() == 1
     }
 
-    /// Copies an upload must reach: W = R while R members are up; with
+    /// R for this cluster: the configured replica count (1 when standalone).
+    pub fn replicas(&self) -> usize {
+        if self.standalone() {
+            1
+        } else {
+            self.cfg.replicas.max(1)
+        }
+    }
+
+    /// Copies a write must reach: W = R while R members are up; with
     /// fewer up, every live member takes a copy and a majority of R must.
+    /// `--write-quorum` sets W explicitly.
     pub fn write_quorum(&self) -> usize {
         let r = self.replicas();
         if let Some(w) = self.cfg.write_quorum {
@@ -227,6 +272,21 @@ impl Cluster {
         }
         let live = self.membership.live_ids().len();
         if live >= r { r } else { r / 2 + 1 }
+    }
+
+    /// Whether a write could succeed now; `Err` says why not. Checked before
+    /// anything of a write is stored, and by health checking.
+    pub fn writable(&self) -> Result<(), String> {
+        let live = self.membership.live_ids().len();
+        let w = self.write_quorum();
+        if live < w {
+            return Err(format!(
+                "{live} of the {w} nodes the write rule needs are reachable (R={}); \
+                 nothing was stored",
+                self.replicas()
+            ));
+        }
+        self.clock_agrees()
     }
 
     /// Live members ranked for `id`, best first.
@@ -247,23 +307,34 @@ impl Cluster {
 
     /// Makes a sealed chunk durable on its owners: R copies in parallel, a
     /// failed member replaced by the next in rank. Succeeds only with at
-    /// least W copies. Returns the ids of the nodes that hold it.
-    pub async fn replicate(&self, id: ChunkId, sealed: Bytes) -> Result<Vec<String>, ClusterError> {
+    /// least W verified copies, each on a member that proved its identity.
+    /// Returns the ids of the nodes that hold it. `lease` (the upload's) is
+    /// granted to every holder before its copy is written.
+    pub async fn replicate(
+        &self,
+        id: ChunkId,
+        sealed: Bytes,
+        lease: Option<&UploadLease>,
+    ) -> Result<Vec<String>, ClusterError> {
         let r = self.replicas();
         let mut candidates = self.ranked_live(&id).into_iter();
         let mut holders = Vec::new();
         let mut reasons = Vec::new();
         let mut running = tokio::task::JoinSet::new();
         let mut disk_full = None;
+        let grant = lease.map(UploadLease::grant);
         loop {
             while holders.len() + running.len() < r {
                 let Some(member) = candidates.next() else {
                     break;
                 };
+                if let Some(lease) = lease {
+                    lease.add_holder(&member);
+                }
                 let this = self.clone_for_task();
-                let body = sealed.clone();
+                let (body, grant) = (sealed.clone(), grant.clone());
                 running.spawn(async move {
-                    let result = this.put_on(&member, id, body).await;
+                    let result = this.put_on(&member, id, body, grant).await;
                     (member, result)
                 });
             }
@@ -279,16 +350,9 @@ impl Cluster {
                 }
                 Ok((member, Err(e))) => {
                     crate::metrics::replica_failed();
+                    self.replica_write_failed(&member, &e);
                     if let ClusterError::DiskFull(msg) = &e {
                         disk_full.get_or_insert(msg.clone());
-                    }
-                    // Without this, every chunk of every upload would wait
-                    // out a connect timeout on a dead member until
-                    // `dead_after` passes. A ping that succeeds brings it back.
-                    if matches!(e, ClusterError::Unreachable(_)) && self.membership.suspect(&member)
-                    {
-                        tracing::warn!(member = %member, "member unreachable during a write; down until it answers a ping");
-                        self.repair.kick();
                     }
                     tracing::warn!(chunk = %id, member = %member, error = %e, "replica write failed; trying the next member");
                     reasons.push(format!("{member}: {e}"));
@@ -302,8 +366,11 @@ impl Cluster {
         if holders.len() >= w {
             return Ok(holders);
         }
-        if let (Some(msg), true) = (disk_full, holders.is_empty()) {
-            return Err(ClusterError::DiskFull(msg));
+        if let Some(msg) = disk_full {
+            return Err(ClusterError::DiskFull(format!(
+                "chunk {id} is durable on {} node(s), {w} required: an owner's disk is full ({msg})",
+                holders.len()
+            )));
         }
         Err(ClusterError::TooFewCopies {
             id,
@@ -317,11 +384,31 @@ impl Cluster {
         })
     }
 
+    /// Reacts to a failed replica write: a member that cannot be reached is
+    /// down at once (without this every chunk of every upload would wait out
+    /// a connect timeout until `dead_after` passes; a ping that succeeds
+    /// brings it back), and one whose address answers as another node is
+    /// retired.
+    fn replica_write_failed(&self, member: &str, e: &ClusterError) {
+        match e {
+            ClusterError::Unreachable(_) if self.membership.suspect(member) => {
+                tracing::warn!(member = %member, "member unreachable during a write; down until it answers a ping");
+                self.repair.kick();
+            }
+            ClusterError::WrongNode { answered, .. } if self.membership.retire(member) => {
+                tracing::warn!(member = %member, answered = %answered,
+                    "member's address answers as another node; retired");
+                self.repair.kick();
+            }
+            _ => {}
+        }
+    }
+
     /// A cheap handle for spawned tasks.
     fn clone_for_task(&self) -> ChunkWriter {
         ChunkWriter {
             self_id: self.node_id.clone(),
-            store: self.store.clone(),
+            chunks: self.chunks.clone(),
             pool: self.pool().cloned(),
             addr: self
                 .membership
@@ -335,9 +422,9 @@ impl Cluster {
     /// Fetches a chunk from peers: owners in rank order first, then every
     /// other live member. Returns the sealed bytes, verified.
     pub async fn fetch(&self, id: ChunkId) -> Result<Bytes, ClusterError> {
-        let keys = self.keys.clone();
+        let chunks = self.chunks.clone();
         self.fetch_checked(id, move |sealed: Bytes| {
-            keys.verify_sealed(&sealed, &id).map(|()| sealed)
+            chunks.verify_fetched(&id, &sealed).map(|()| sealed)
         })
         .await
     }
@@ -409,151 +496,34 @@ impl Cluster {
             },
         })
     }
-
-    /// Refreshes the age of chunks written for an upload still in progress
-    /// on every live owner that holds them (`HasChunks` with `touch`), so no
-    /// peer's collector takes them for garbage before their record exists.
-    pub async fn keep_alive(&self, ids: &[ChunkId]) {
-        /// Ids per message: keeps each one far below the MESSAGE cap.
-        const PER_MESSAGE: usize = 4096;
-        let Some(pool) = self.pool() else { return };
-        let mut by_owner: std::collections::HashMap<String, Vec<ChunkId>> = Default::default();
-        for id in ids {
-            for owner in self.owners(id).into_iter().filter(|o| *o != self.node_id) {
-                by_owner.entry(owner).or_default().push(*id);
-            }
-        }
-        for (owner, ids) in by_owner {
-            let Some(addr) = self.membership.addr_of(&owner) else {
-                continue;
-            };
-            for batch in ids.chunks(PER_MESSAGE) {
-                let msg = PeerMessage {
-                    has_body: false,
-                    kind: Some(Kind::HasChunks(HasChunks {
-                        chunk_ids: batch.iter().map(|id| id.0.to_vec().into()).collect(),
-                        touch: true,
-                    })),
-                };
-                if let Err(e) = pool.request(&addr, msg, None).await {
-                    tracing::debug!(owner = %owner, error = %e, "cannot refresh in-progress chunks");
-                }
-            }
-        }
-    }
-
-    /// Asks live peers for a record this node does not have (a key or a
-    /// SHA-1), applies what they know (last writer wins) and returns
-    /// whether anything new was applied.
-    pub async fn lookup(&self, target: get_record::Target) -> bool {
-        let Some(pool) = self.pool() else {
-            return false;
-        };
-        let mut asks = tokio::task::JoinSet::new();
-        for peer in self
-            .membership
-            .peers()
-            .into_iter()
-            .filter(|p| p.state == MemberState::Up)
-        {
-            let (pool, target) = (pool.clone(), target.clone());
-            asks.spawn(async move {
-                let msg = PeerMessage {
-                    has_body: false,
-                    kind: Some(Kind::GetRecord(GetRecord {
-                        target: Some(target),
-                    })),
-                };
-                pool.request(&peer.addr, msg, None).await
-            });
-        }
-        let mut applied = false;
-        while let Some(done) = asks.join_next().await {
-            if let Ok(Ok(reply)) = done
-                && let Some(Kind::GetRecordReply(r)) = reply.msg.kind
-                && let Some(record) = r.record
-            {
-                applied |= self.apply_records(vec![record]).await > 0;
-            }
-        }
-        applied
-    }
-
-    /// Applies records from a peer; returns how many were newer.
-    pub async fn apply_records(&self, records: Vec<ObjectRecord>) -> u32 {
-        let index = self.index.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut applied = 0;
-            for r in records {
-                // A peer's record is checked like a client's key would be.
-                if r.key.is_empty() || r.key.len() > 1024 || r.key.contains('\0') {
-                    continue;
-                }
-                match index.apply(&r) {
-                    Ok(true) => applied += 1,
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::warn!(key = %r.key, error = %e, "cannot apply a peer's record")
-                    }
-                }
-            }
-            applied
-        })
-        .await
-        .unwrap_or(0)
-    }
-
-    /// Pushes a freshly committed record to every live peer, waiting at
-    /// most a few seconds; peers that miss it converge through index sync.
-    pub async fn publish(&self, record: &ObjectRecord) {
-        let Some(pool) = self.pool() else { return };
-        let mut pushes = tokio::task::JoinSet::new();
-        for peer in self
-            .membership
-            .peers()
-            .into_iter()
-            .filter(|p| p.state == MemberState::Up)
-        {
-            let pool = pool.clone();
-            let msg = PeerMessage {
-                has_body: false,
-                kind: Some(Kind::IndexUpdate(IndexUpdate {
-                    records: vec![record.clone()],
-                })),
-            };
-            pushes.spawn(async move {
-                let result = tokio::time::timeout(
-                    Duration::from_secs(5),
-                    pool.request(&peer.addr, msg, None),
-                )
-                .await;
-                if !matches!(result, Ok(Ok(_))) {
-                    tracing::debug!(peer = %peer.node_id, "index push failed; sync will catch up");
-                }
-            });
-        }
-        while pushes.join_next().await.is_some() {}
-    }
 }
 
 /// What a replica write task needs, detached from the cluster's lifetime.
 struct ChunkWriter {
     self_id: String,
-    store: Arc<ChunkStore>,
+    chunks: Arc<Chunks>,
     pool: Option<PeerPool>,
     addr: std::collections::HashMap<String, String>,
 }
 
 impl ChunkWriter {
-    async fn put_on(&self, member: &str, id: ChunkId, sealed: Bytes) -> Result<(), ClusterError> {
+    /// Writes a copy on `member` (this node included). It counts only if the
+    /// node that answered proved to be `member` and reports a verified copy.
+    async fn put_on(
+        &self,
+        member: &str,
+        id: ChunkId,
+        sealed: Bytes,
+        lease: Option<crate::proto::Lease>,
+    ) -> Result<(), ClusterError> {
         if member == self.self_id {
-            let store = self.store.clone();
-            return tokio::task::spawn_blocking(move || store.put(&id, &sealed))
+            let chunks = self.chunks.clone();
+            return tokio::task::spawn_blocking(move || chunks.put_sealed(&id, &sealed))
                 .await
                 .map_err(|e| ClusterError::Internal(e.to_string()))?
                 .map(|_| ())
                 .map_err(|e| match e {
-                    crate::store::StoreError::DiskFull(m) => ClusterError::DiskFull(m),
+                    ChunkError::DiskFull(m) => ClusterError::DiskFull(m),
                     other => ClusterError::Internal(other.to_string()),
                 });
         }
@@ -566,12 +536,19 @@ impl ChunkWriter {
             has_body: true,
             kind: Some(Kind::PutChunk(PutChunk {
                 chunk_id: id.0.to_vec().into(),
+                lease,
             })),
         };
         let reply = pool
             .request(addr, msg, Some(sealed))
             .await
             .map_err(|e| ClusterError::Unreachable(e.to_string()))?;
+        if reply.peer.node_id != member {
+            return Err(ClusterError::WrongNode {
+                member: member.to_owned(),
+                answered: reply.peer.node_id,
+            });
+        }
         match reply.msg.kind {
             Some(Kind::PutChunkReply(r)) if r.stored => Ok(()),
             Some(Kind::Error(e)) if e.code == code::RESOURCE_EXHAUSTED => {
@@ -588,6 +565,7 @@ impl ChunkWriter {
 /// `google.rpc.Code` values carried in `PeerError.code`.
 pub mod code {
     pub const INVALID_ARGUMENT: u32 = 3;
+    pub const FAILED_PRECONDITION: u32 = 9;
     pub const NOT_FOUND: u32 = 5;
     pub const RESOURCE_EXHAUSTED: u32 = 8;
     pub const INTERNAL: u32 = 13;

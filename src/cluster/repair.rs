@@ -23,11 +23,7 @@ use futures_util::StreamExt;
 use tokio::sync::{Notify, watch};
 
 use super::{Cluster, sync::sleep_or_stop};
-use crate::{
-    crypto::ChunkId,
-    index::Index,
-    proto::{HasChunks, PeerMessage, peer_message::Kind},
-};
+use crate::{crypto::ChunkId, index::Index};
 
 /// Chunks examined per step; one HasChunks per owner per batch.
 const BATCH: usize = 256;
@@ -137,10 +133,13 @@ impl Cluster {
         self.index.repair_done(&done).map_err(|e| e.to_string())?;
 
         // Push what this node holds to owners that lack it.
-        let store = self.store.clone();
+        let chunks = self.chunks.clone();
         let local = tokio::task::spawn_blocking(move || {
             let mut ids = Vec::new();
-            store.for_each_chunk(|id, _, _| ids.push(id)).map(|()| ids)
+            chunks
+                .store()
+                .for_each_chunk(|id, _, _| ids.push(id))
+                .map(|()| ids)
         })
         .await
         .map_err(|e| e.to_string())?
@@ -175,7 +174,7 @@ impl Cluster {
             };
             for id in ids {
                 if self.owners(&id).contains(&self.node_id)
-                    && !self.store.contains(&id)
+                    && !self.chunks.store().contains(&id)
                     && !self.pull(id, &totals).await
                 {
                     self.enqueue(&id);
@@ -192,7 +191,7 @@ impl Cluster {
         if self.index.chunk_refs(&id).unwrap_or(0) == 0 {
             return true; // nothing references it any more
         }
-        if self.store.contains(&id) {
+        if self.chunks.store().contains(&id) {
             let mut ok = true;
             for plan in self.plan_batch(&[id]).await {
                 ok &= self.execute(&plan, totals).await;
@@ -223,7 +222,7 @@ impl Cluster {
         }
         let mut present: HashMap<(String, ChunkId), bool> = HashMap::new();
         for (owner, ids) in by_owner {
-            let answers = self.has_chunks(&owner, &ids).await;
+            let answers = self.has_chunks_on(&owner, &ids, false).await;
             for (id, has) in ids
                 .iter()
                 .zip(answers.unwrap_or_else(|| vec![false; ids.len()]))
@@ -252,21 +251,6 @@ impl Cluster {
             .collect()
     }
 
-    async fn has_chunks(&self, owner: &str, ids: &[ChunkId]) -> Option<Vec<bool>> {
-        let (pool, addr) = (self.pool()?, self.membership.addr_of(owner)?);
-        let msg = PeerMessage {
-            has_body: false,
-            kind: Some(Kind::HasChunks(HasChunks {
-                chunk_ids: ids.iter().map(|id| id.0.to_vec().into()).collect(),
-                touch: false,
-            })),
-        };
-        match pool.request(&addr, msg, None).await.ok()?.msg.kind {
-            Some(Kind::HasChunksReply(r)) if r.present.len() == ids.len() => Some(r.present),
-            _ => None,
-        }
-    }
-
     /// Pushes a chunk to the owners that lack it, then drops the local copy
     /// if this node is not an owner and every owner now holds one.
     async fn execute(&self, plan: &Plan, totals: &Totals) -> bool {
@@ -279,7 +263,7 @@ impl Cluster {
                 self.pace(sealed.len()).await;
                 match self
                     .clone_for_task()
-                    .put_on(owner, plan.id, sealed.clone())
+                    .put_on(owner, plan.id, sealed.clone(), None)
                     .await
                 {
                     Ok(()) => {
@@ -293,12 +277,15 @@ impl Cluster {
                 }
             }
         }
-        if ok && plan.drop_after {
-            let store = self.store.clone();
+        if ok && plan.drop_after && self.owners_hold_good_copies(plan.id).await {
+            let chunks = self.chunks.clone();
             let id = plan.id;
-            // Dropping only after every owner confirmed: never below R copies.
+            // Dropping only after every owner confirmed a verified copy:
+            // never below R good copies.
             let removed = tokio::task::spawn_blocking(move || {
-                store.remove_if_older(&id, std::time::SystemTime::now() + Duration::from_secs(1))
+                chunks
+                    .store()
+                    .remove_if_older(&id, std::time::SystemTime::now() + Duration::from_secs(1))
             })
             .await;
             if matches!(removed, Ok(Ok(true))) {
@@ -309,12 +296,28 @@ impl Cluster {
         ok
     }
 
+    /// Whether every owner of `id` reads back a good copy (asked just before
+    /// this node drops its own).
+    async fn owners_hold_good_copies(&self, id: ChunkId) -> bool {
+        let owners = self.owners(&id);
+        if owners.len() < self.replicas() {
+            return false;
+        }
+        for owner in owners.iter().filter(|o| **o != self.node_id) {
+            if self.has_verified(owner, &[id]).await != [true] {
+                return false;
+            }
+        }
+        true
+    }
+
     async fn pull(&self, id: ChunkId, totals: &Totals) -> bool {
         match self.fetch(id).await {
             Ok(sealed) => {
                 self.pace(sealed.len()).await;
-                let store = self.store.clone();
-                let stored = tokio::task::spawn_blocking(move || store.put(&id, &sealed)).await;
+                let chunks = self.chunks.clone();
+                let stored =
+                    tokio::task::spawn_blocking(move || chunks.put_sealed(&id, &sealed)).await;
                 let ok = matches!(stored, Ok(Ok(_)));
                 if ok {
                     totals.pulled.fetch_add(1, Ordering::Relaxed);
@@ -327,6 +330,12 @@ impl Cluster {
                 false
             }
         }
+    }
+
+    /// A copy on this node was found bad and quarantined: restore it soon.
+    pub fn chunk_lost(&self, id: ChunkId) {
+        self.enqueue(&id);
+        self.repair.kick();
     }
 
     fn enqueue(&self, id: &ChunkId) {

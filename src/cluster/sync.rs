@@ -4,10 +4,13 @@ use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use tokio::sync::watch;
 
-use super::{Cluster, SYNC_PAGE};
+use super::{
+    Cluster, SYNC_PAGE,
+    membership::{Change, Contact},
+};
 use crate::{
     p2p::{HandshakeError, P2pError},
-    proto::{IndexSync, PeerMessage, Ping, peer_message::Kind},
+    proto::{IndexSync, Member, PeerMessage, Ping, peer_message::Kind},
 };
 
 /// Waits for `d`, or returns false at once if shutdown was signalled.
@@ -25,28 +28,36 @@ impl Cluster {
         (self.cfg.dead_after / 5).clamp(Duration::from_millis(100), Duration::from_secs(5))
     }
 
+    /// How long one ping may take: a silent peer is given up on well within
+    /// `dead_after`, and never longer than a peer request may take.
+    fn ping_timeout(&self) -> Duration {
+        (self.cfg.dead_after / 2).min(self.cfg.peer_timeout)
+    }
+
+    /// The failure detector. Every target address is probed by its own task
+    /// with its own timeout, so a frozen or unreachable peer never delays
+    /// what this node learns about the others; a separate tick marks members
+    /// silent for `dead_after` as down.
     pub(super) async fn membership_loop(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let mut self_addrs: HashSet<String> = HashSet::new();
+        let self_addrs: Arc<std::sync::Mutex<HashSet<String>>> = Arc::default();
+        let mut probers: std::collections::HashMap<String, tokio::task::JoinHandle<()>> =
+            Default::default();
         loop {
-            let targets = self.ping_targets(&self_addrs).await;
-            let mut pings = tokio::task::JoinSet::new();
-            for addr in targets {
-                let this = self.clone();
-                pings.spawn(async move {
-                    let result = this.ping(&addr).await;
-                    (addr, result)
-                });
-            }
-            while let Some(done) = pings.join_next().await {
-                match done {
-                    Ok((addr, Err(PingError::Myself))) => {
-                        self_addrs.insert(addr);
-                    }
-                    Ok((addr, Err(PingError::Failed(e)))) => {
-                        tracing::debug!(addr = %addr, error = %e, "ping failed");
-                    }
-                    _ => {}
+            let known = self_addrs.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let targets = self.ping_targets(&known).await;
+            probers.retain(|addr, task| {
+                let keep = targets.contains(addr) && !task.is_finished();
+                if !keep {
+                    task.abort();
                 }
+                keep
+            });
+            for addr in targets {
+                if probers.contains_key(&addr) {
+                    continue;
+                }
+                let task = tokio::spawn(self.clone().probe(addr.clone(), self_addrs.clone()));
+                probers.insert(addr, task);
             }
             for id in self.membership.expire() {
                 tracing::warn!(member = %id, dead_after = ?self.cfg.dead_after,
@@ -57,8 +68,37 @@ impl Cluster {
                 self.repair.kick();
             }
             if !sleep_or_stop(self.ping_interval(), &mut shutdown).await {
+                for task in probers.values() {
+                    task.abort();
+                }
                 return;
             }
+        }
+    }
+
+    /// Pings one address every ping interval until it turns out to be this
+    /// node itself (or the task is stopped).
+    async fn probe(
+        self: Arc<Self>,
+        addr: String,
+        self_addrs: Arc<std::sync::Mutex<HashSet<String>>>,
+    ) {
+        loop {
+            match tokio::time::timeout(self.ping_timeout(), self.ping(&addr)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(PingError::Myself)) => {
+                    self_addrs
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(addr);
+                    return;
+                }
+                Ok(Err(PingError::Failed(e))) => {
+                    tracing::debug!(addr = %addr, error = %e, "ping failed")
+                }
+                Err(_) => tracing::debug!(addr = %addr, "ping timed out"),
+            }
+            tokio::time::sleep(self.ping_interval()).await;
         }
     }
 
@@ -88,13 +128,16 @@ impl Cluster {
         let pool = self
             .pool()
             .ok_or_else(|| PingError::Failed("not started".into()))?;
-        let (chunk_count, bytes_stored) = self.store.usage();
+        let (chunk_count, bytes_stored) = self.chunks.store().usage();
+        let sent_ms = crate::units::unix_ms();
         let msg = PeerMessage {
             has_body: false,
             kind: Some(Kind::Ping(Ping {
                 members: self.membership.for_exchange(self.advertised_addr()),
                 chunk_count,
                 bytes_stored,
+                forgotten: self.membership.forgotten(),
+                unix_ms: sent_ms,
             })),
         };
         let reply = pool.request(addr, msg, None).await.map_err(|e| match e {
@@ -113,16 +156,60 @@ impl Cluster {
                 "answered a ping with something else".into(),
             ));
         };
-        let change = self.membership.observe(
-            &reply.peer.node_id,
-            &reply.peer.advertised_addr,
-            Some((pong.chunk_count, pong.bytes_stored)),
-        );
-        self.membership.learn(&pong.members);
-        if change != super::membership::Change::None {
-            self.member_appeared(&reply.peer.node_id, &reply.peer.advertised_addr);
+        // The peer read its clock between our send and our receive: compare
+        // it with the midpoint.
+        let mid = (sent_ms + crate::units::unix_ms()) / 2;
+        let contact = Contact {
+            usage: Some((pong.chunk_count, pong.bytes_stored)),
+            clock_offset_ms: (pong.unix_ms > 0).then(|| pong.unix_ms as i64 - mid as i64),
+        };
+        let change =
+            self.membership
+                .observe(&reply.peer.node_id, &reply.peer.advertised_addr, contact);
+        match change {
+            Change::None => {}
+            Change::Refused => return Err(PingError::Failed("a forgotten node".into())),
+            Change::Joined | Change::Recovered => {
+                self.member_appeared(&reply.peer.node_id, &reply.peer.advertised_addr)
+            }
         }
+        self.learn_from_peer(&reply.peer.node_id, &pong.members, &pong.forgotten);
         Ok(())
+    }
+
+    /// Removes a member for good (`dfs members forget`): it stops counting
+    /// at once, peers learn it with the next pings, and repair re-replicates
+    /// what it held. Refused for a member that is up.
+    pub fn forget_member(&self, node_id: &str) -> Result<(), ForgetError> {
+        if node_id == self.node_id {
+            return Err(ForgetError::Myself);
+        }
+        match self.membership.state_of(node_id) {
+            Some(super::MemberState::Up) => return Err(ForgetError::IsUp(node_id.to_owned())),
+            None if !self.membership.is_forgotten(node_id) => {
+                return Err(ForgetError::Unknown(node_id.to_owned()));
+            }
+            _ => {}
+        }
+        if let (Some(pool), Some(addr)) = (self.pool(), self.membership.addr_of(node_id)) {
+            pool.forget(&addr);
+        }
+        self.membership.forget(node_id);
+        tracing::warn!(member = %node_id, "member forgotten for good; re-replicating what it held");
+        self.repair.kick();
+        Ok(())
+    }
+
+    /// Takes in what a peer knows: members (unknown until heard from) and
+    /// ids forgotten for good.
+    pub(super) fn learn_from_peer(&self, from: &str, members: &[Member], forgotten: &[String]) {
+        for addr in self.membership.learn(members) {
+            tracing::info!(addr = %addr, from = %from, "learned of a new member");
+        }
+        for id in self.membership.learn_forgotten(forgotten) {
+            tracing::warn!(member = %id, from = %from, "member was forgotten by an operator; it no longer counts");
+            self.repair.kick();
+        }
     }
 
     /// A member joined or came back: reconcile indexes with it now and let
@@ -193,13 +280,24 @@ impl Cluster {
             let Some(last) = page.records.last().map(|r| r.key.clone()) else {
                 return Ok(applied);
             };
-            applied += self.apply_records(page.records).await;
+            applied += self.apply_records(page.records).await.0;
             if !page.more || last <= after {
                 return Ok(applied);
             }
             after = last;
         }
     }
+}
+
+/// Why a member cannot be forgotten.
+#[derive(Debug, thiserror::Error)]
+pub enum ForgetError {
+    #[error("no member {0} is known to this node")]
+    Unknown(String),
+    #[error("member {0} is up: stop it (and wait until it is down) before forgetting it")]
+    IsUp(String),
+    #[error("a node cannot forget itself")]
+    Myself,
 }
 
 /// Why a ping got no answer.

@@ -7,7 +7,10 @@ use tonic::{Request, Response, Status};
 use super::node_status;
 use crate::{
     node::{Node, now_ms},
-    proto::{MemberStatus, StatusRequest, StatusResponse, cluster_server::Cluster},
+    proto::{
+        ForgetMemberRequest, ForgetMemberResponse, MemberStatus, ScrubStatus, StatusRequest,
+        StatusResponse, cluster_server::Cluster,
+    },
 };
 
 /// The Cluster service over one node.
@@ -57,6 +60,8 @@ impl Cluster for ClusterService {
             chunk_count: m.chunk_count,
             bytes_stored: m.bytes_stored,
         }));
+        let scrub = self.node.chunks().scrub_progress();
+        let writable = cluster.writable();
         Ok(Response::new(StatusResponse {
             node_id: self.node.id().to_owned(),
             grpc_address: self.grpc_address.clone(),
@@ -68,7 +73,31 @@ impl Cluster for ClusterService {
             repair_backlog: cluster.repair_backlog(),
             peak_rss_bytes: peak_rss_bytes().unwrap_or(0),
             version: env!("CARGO_PKG_VERSION").into(),
+            scrub: Some(ScrubStatus {
+                passes: scrub.passes,
+                checked_this_pass: scrub.checked_this_pass,
+                checked_total: scrub.checked_total,
+                corrupt_found: scrub.corrupt_found,
+                last_pass_end_unix_ms: scrub.last_pass_end_unix_ms,
+            }),
+            writable: writable.is_ok(),
+            not_ready_reason: writable.err().unwrap_or_default(),
         }))
+    }
+
+    async fn forget_member(
+        &self,
+        request: Request<ForgetMemberRequest>,
+    ) -> Result<Response<ForgetMemberResponse>, Status> {
+        let id = request.into_inner().node_id;
+        use crate::cluster::ForgetError;
+        match self.node.cluster().forget_member(&id) {
+            Ok(()) => Ok(Response::new(ForgetMemberResponse {})),
+            Err(e @ ForgetError::Unknown(_)) => Err(Status::not_found(e.to_string())),
+            Err(e @ (ForgetError::IsUp(_) | ForgetError::Myself)) => {
+                Err(Status::failed_precondition(e.to_string()))
+            }
+        }
     }
 }
 

@@ -125,12 +125,18 @@ pub async fn serve(
         opts.p2p_addr.clone(),
     ));
 
+    // Health follows whether the node can take writes: a node that has not
+    // reached its cluster (or whose clock disagrees with it) is NOT_SERVING,
+    // so a mesh routes to nodes that can.
+    let readiness = tokio::spawn(report_readiness(node.clone(), health_reporter.clone()));
+
     // Shutdown: stop advertising health first, then stop the server; the
     // drain is bounded so one stuck client cannot hold the process forever.
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let reporter = health_reporter.clone();
     tokio::spawn(async move {
         shutdown.await;
+        readiness.abort();
         tracing::info!("shutting down: health NOT_SERVING, draining in-flight requests");
         reporter
             .set_not_serving::<StorageServer<StorageService>>()
@@ -185,6 +191,30 @@ pub async fn serve(
         }
     }
     Ok(())
+}
+
+/// Keeps the health status in step with [`crate::cluster::Cluster::writable`].
+async fn report_readiness(node: Arc<Node>, reporter: tonic_health::server::HealthReporter) {
+    let mut last = None;
+    loop {
+        let ready = node.cluster().writable();
+        if last.as_ref() != Some(&ready) {
+            let status = match &ready {
+                Ok(()) => tonic_health::ServingStatus::Serving,
+                Err(why) => {
+                    tracing::warn!(reason = %why, "health: NOT_SERVING until the node can take writes");
+                    tonic_health::ServingStatus::NotServing
+                }
+            };
+            if last.is_some() && ready.is_ok() {
+                tracing::info!("health: SERVING");
+            }
+            reporter.set_service_status("", status).await;
+            reporter.set_service_status("dfs.v1.Storage", status).await;
+            last = Some(ready);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// Every method this server answers, for the metrics layer's labels.

@@ -15,7 +15,6 @@ use super::{Node, NodeError, Target};
 use crate::{
     crypto::{ChunkId, IV_LEN},
     proto::ObjectRecord,
-    store::StoreError,
 };
 
 /// Chunks read and verified ahead of the one being sent. Two keep the disk
@@ -188,17 +187,10 @@ impl Node {
         needed: usize,
         permit: tokio::sync::OwnedSemaphorePermit,
     ) -> ReadResult {
-        let (store, keys) = (self.store.clone(), self.keys.clone());
+        let chunks = self.chunks.clone();
         let mut buf = self.budget.take_buffer(max_len);
         let local = tokio::task::spawn_blocking(move || {
-            let result = store.read_into(&id, max_len, &mut buf).and_then(|()| {
-                keys.open_in_place(&mut buf, &id)
-                    .map_err(|e| StoreError::Corrupt {
-                        id,
-                        reason: e.to_string(),
-                    })
-            });
-            result.map(|()| buf)
+            chunks.open_local(&id, max_len, &mut buf).map(|()| buf)
         })
         .await
         .map_err(|e| NodeError::Internal(format!("chunk read stopped: {e}")))?;
@@ -207,17 +199,15 @@ impl Node {
                 check_len(id, &opened, needed)?;
                 return Ok(self.budget.lend(opened, permit).slice(IV_LEN..));
             }
-            Err(e) => self.chunk_failed(&id, e),
+            Err(e) => e,
         };
         // One decrypt serves both the verification and the reply.
-        let keys = self.keys.clone();
+        let chunks = self.chunks.clone();
         let opened = self
             .cluster
             .fetch_checked(id, move |sealed: Bytes| {
-                let mut buf = crate::bufpool::take(sealed.len());
-                buf.extend_from_slice(&sealed);
-                keys.open_in_place(&mut buf, &id)?;
-                Ok((sealed, buf))
+                let opened = chunks.open_fetched(&id, &sealed)?;
+                Ok((sealed, opened))
             })
             .await;
         let (sealed, opened) = match opened {
@@ -230,35 +220,14 @@ impl Node {
         if self.cluster.owners(&id).iter().any(|o| o == &self.id) {
             // Restore the missing or bad local copy off the read path: the
             // client need not wait for a write and an fsync.
-            let store = self.store.clone();
+            let chunks = self.chunks.clone();
             tokio::task::spawn_blocking(move || {
-                if let Err(e) = store.put(&id, &sealed) {
+                if let Err(e) = chunks.put_sealed(&id, &sealed) {
                     tracing::warn!(chunk = %id, error = %e, "cannot restore the local copy");
                 }
             });
         }
         Ok(self.budget.lend(opened, permit).slice(IV_LEN..))
-    }
-
-    /// Handles a chunk that could not be served: a corrupt one is moved aside
-    /// for inspection (never deleted) and logged; either way the client gets
-    /// `DATA_LOSS`.
-    fn chunk_failed(&self, id: &ChunkId, e: StoreError) -> NodeError {
-        if let StoreError::NotFound(_) = e {
-            return NodeError::from(e);
-        }
-        if let StoreError::Corrupt { .. } = e {
-            crate::metrics::verification_failed(crate::metrics::BadCopy::Local);
-            match self.store.quarantine(id) {
-                Ok(path) => tracing::error!(chunk = %id, error = %e, moved_to = %path.display(),
-                    "chunk failed verification; moved to quarantine"),
-                Err(qe) => tracing::error!(chunk = %id, error = %e, quarantine_error = %qe,
-                    "chunk failed verification and could not be moved aside"),
-            }
-        } else {
-            tracing::error!(chunk = %id, error = %e, "chunk could not be read");
-        }
-        NodeError::from(e)
     }
 }
 

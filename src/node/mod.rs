@@ -6,28 +6,25 @@
 //! size of transfers change how long they wait, never how much memory the
 //! node uses.
 
+mod data_dir;
 mod download;
 mod gc;
 mod upload;
 
-use std::{
-    collections::HashMap,
-    fs,
-    path::Path,
-    sync::{Arc, Mutex},
-};
+use std::{fs, path::Path, sync::Arc};
 
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+pub use crate::chunks::GcReport;
 pub use download::{ByteRange, Download, chunk_span};
-pub use gc::GcReport;
 pub use upload::UploadMeta;
 
 use crate::{
+    chunks::{ChunkError, Chunks},
     cluster::{Cluster, ClusterError},
     config::NodeConfig,
-    crypto::{ChunkId, ClusterSecret, Keys},
+    crypto::{ClusterSecret, Keys},
     index::{Index, IndexError},
     proto::{ObjectInfo, ObjectRecord, Version, get_record},
     store::{ChunkStore, StoreError},
@@ -68,13 +65,29 @@ impl From<StoreError> for NodeError {
     }
 }
 
+impl From<ChunkError> for NodeError {
+    fn from(e: ChunkError) -> Self {
+        match e {
+            ChunkError::DiskFull(_) => Self::ResourceExhausted(e.to_string()),
+            ChunkError::NotFound(_) | ChunkError::Corrupt { .. } => Self::DataLoss(e.to_string()),
+            ChunkError::Io(_) => Self::Internal(e.to_string()),
+        }
+    }
+}
+
 impl From<ClusterError> for NodeError {
     fn from(e: ClusterError) -> Self {
         match e {
             ClusterError::TooFewCopies { .. } => Self::Unavailable(e.to_string()),
             ClusterError::ChunkUnavailable { .. } => Self::DataLoss(e.to_string()),
             ClusterError::DiskFull(_) => Self::ResourceExhausted(e.to_string()),
-            ClusterError::Unreachable(_) => Self::Unavailable(e.to_string()),
+            ClusterError::Unreachable(_)
+            | ClusterError::WrongNode { .. }
+            | ClusterError::NotWritable(_) => Self::Unavailable(e.to_string()),
+            ClusterError::RecordNotDurable { .. } => Self::Unavailable(format!(
+                "{e}; the write is not acknowledged: it may still take effect, whole, once the \
+                 nodes reconcile"
+            )),
             ClusterError::Internal(_) => Self::Internal(e.to_string()),
         }
     }
@@ -137,48 +150,17 @@ impl BufferBudget {
     }
 }
 
-/// Chunks that in-progress uploads have written but not yet committed; the
-/// collector must not delete them whatever their age.
-#[derive(Default)]
-struct Pins(Mutex<HashMap<ChunkId, usize>>);
-
-impl Pins {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ChunkId, usize>> {
-        // Counters stay consistent under panic: each update is one statement.
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn pin(&self, id: ChunkId) {
-        *self.lock().entry(id).or_insert(0) += 1;
-    }
-
-    fn unpin(&self, ids: &[ChunkId]) {
-        let mut map = self.lock();
-        for id in ids {
-            if let Some(n) = map.get_mut(id) {
-                *n -= 1;
-                if *n == 0 {
-                    map.remove(id);
-                }
-            }
-        }
-    }
-
-    fn is_pinned(&self, id: &ChunkId) -> bool {
-        self.lock().contains_key(id)
-    }
-}
-
 /// A storage node's data plane.
 pub struct Node {
     cfg: NodeConfig,
     id: String,
     keys: Keys,
-    store: Arc<ChunkStore>,
+    chunks: Arc<Chunks>,
     index: Arc<Index>,
     budget: BufferBudget,
     cluster: Arc<Cluster>,
-    pins: Arc<Pins>,
+    /// Held for the node's lifetime: one node per data directory.
+    _lock: fs::File,
 }
 
 impl Node {
@@ -186,8 +168,9 @@ impl Node {
     pub fn open(cfg: NodeConfig) -> Result<Self, NodeError> {
         cfg.validate().map_err(NodeError::InvalidArgument)?;
         let dir = &cfg.data_dir;
-        fs::create_dir_all(dir)
-            .map_err(|e| NodeError::Internal(format!("create {}: {e}", dir.display())))?;
+        // Before anything in the directory is touched: a second node on a
+        // live data dir must not empty the first one's tmp/.
+        let lock = data_dir::open_locked(dir)?;
         let id = load_or_create_node_id(dir)?;
         let secret = load_or_create_secret(&cfg)?;
         let store = Arc::new(ChunkStore::open(dir, cfg.capacity)?);
@@ -202,21 +185,30 @@ impl Node {
                 keys.fingerprint()
             )));
         }
+        let lease_ttl = crate::chunks::lease::ttl_for(cfg.gc_grace);
+        let chunks = Arc::new(Chunks::new(
+            store,
+            keys.clone(),
+            cfg.cluster.max_chunk,
+            lease_ttl,
+        ));
+        let mut cluster_cfg = cfg.cluster.clone();
+        cluster_cfg.lease_ttl = lease_ttl;
         let cluster = Arc::new(Cluster::new(
             id.clone(),
-            cfg.cluster.clone(),
+            cluster_cfg,
             keys.clone(),
-            store.clone(),
+            chunks.clone(),
             index.clone(),
             Some(dir.join("members")),
         ));
         Ok(Self {
             keys,
             budget: BufferBudget::new(cfg.buffer_budget),
-            store,
+            chunks,
             index,
             cluster,
-            pins: Arc::default(),
+            _lock: lock,
             id,
             cfg,
         })
@@ -229,7 +221,12 @@ impl Node {
 
     /// The node's chunk store.
     pub fn store(&self) -> &ChunkStore {
-        &self.store
+        self.chunks.store()
+    }
+
+    /// The node's chunks (verified access, leases, scrub progress).
+    pub fn chunks(&self) -> &Arc<Chunks> {
+        &self.chunks
     }
 
     /// The node's object index.
@@ -289,8 +286,11 @@ impl Node {
 
     /// Replaces the object under `key` with a tombstone. Its chunks are
     /// freed by the collector once the grace period has passed.
+    /// Acknowledged, like an upload, only once the tombstone is durable on W
+    /// nodes.
     pub async fn delete(&self, key: &str) -> Result<Version, NodeError> {
         let old = self.resolve(&Target::Key(key.to_owned())).await?;
+        self.cluster.writable().map_err(NodeError::Unavailable)?;
         let version = self.index.next_version(&self.id);
         let tombstone = ObjectRecord {
             key: old.key,
@@ -299,8 +299,7 @@ impl Node {
             deleted: true,
             ..Default::default()
         };
-        self.index.apply(&tombstone)?;
-        self.cluster.publish(&tombstone).await;
+        self.cluster.commit_record(tombstone).await?;
         Ok(version)
     }
 }
@@ -365,10 +364,7 @@ fn load_or_create_node_id(dir: &Path) -> Result<String, NodeError> {
     let mut raw = [0u8; 8];
     rand::Rng::fill_bytes(&mut rand::rng(), &mut raw);
     let id = hex::encode(raw);
-    let tmp = dir.join("node.id.tmp");
-    fs::write(&tmp, format!("{id}\n"))
-        .and_then(|()| fs::File::open(&tmp)?.sync_all())
-        .and_then(|()| fs::rename(&tmp, &path))
+    crate::fsutil::write_atomically(&path, format!("{id}\n").as_bytes(), 0o600)
         .map_err(|e| NodeError::Internal(format!("write {}: {e}", path.display())))?;
     tracing::info!(node_id = %id, "created a new node id");
     Ok(id)

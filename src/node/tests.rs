@@ -120,7 +120,7 @@ async fn expected_sha1_mismatch_commits_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_failing_stream_leaves_no_object_and_releases_pins() {
+async fn a_failing_stream_leaves_no_object_and_releases_its_lease() {
     let dir = tempfile::tempdir().unwrap();
     let node = node_with(dir.path(), |_| {});
     let pieces = vec![
@@ -136,7 +136,11 @@ async fn a_failing_stream_leaves_no_object_and_releases_pins() {
         Err(NodeError::Cancelled(_))
     ));
     assert!(node.index().get("k").unwrap().is_none());
-    assert!(node.pins.lock().is_empty());
+    assert_eq!(
+        node.chunks().leases().count(),
+        0,
+        "the upload's lease is released"
+    );
     assert_eq!(
         std::fs::read_dir(node.store().tmp_dir()).unwrap().count(),
         0
@@ -146,7 +150,7 @@ async fn a_failing_stream_leaves_no_object_and_releases_pins() {
 #[tokio::test(flavor = "multi_thread")]
 async fn garbage_collection_frees_only_unreferenced_old_chunks() {
     let dir = tempfile::tempdir().unwrap();
-    let node = node_with(dir.path(), |c| c.gc_grace = Duration::from_millis(200));
+    let node = node_with(dir.path(), |c| c.gc_grace = Duration::from_secs(2));
     let shared = data(CHUNK, 3);
     put(
         &node,
@@ -161,30 +165,29 @@ async fn garbage_collection_frees_only_unreferenced_old_chunks() {
     node.delete("a").await.unwrap();
     // Within the grace period nothing goes.
     assert_eq!(node.collect_garbage().unwrap().deleted, 0);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(2200)).await;
     let report = node.collect_garbage().unwrap();
+    assert!(report.ran);
     assert_eq!(report.deleted, 1, "only the chunk no live object uses");
     assert_eq!(get(&node, "b", 0, 0).await.unwrap(), shared);
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn pinned_chunks_survive_collection() {
+async fn chunks_written_during_a_leased_upload_survive_collection() {
     let dir = tempfile::tempdir().unwrap();
     let node = node_with(dir.path(), |c| c.gc_grace = Duration::ZERO);
+    // An upload that began 10 s ago still holds its lease.
+    let lease = [7; 16];
+    node.chunks()
+        .leases()
+        .hold(lease, Duration::from_secs(10), Duration::from_secs(60));
     put(&node, "a", &data(CHUNK, 5), CHUNK).await.unwrap();
-    let id = node
-        .index()
-        .get("a")
-        .unwrap()
-        .unwrap()
-        .chunk_id_list()
-        .next()
-        .unwrap();
     node.delete("a").await.unwrap();
-    node.pins.pin(id);
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    assert_eq!(node.collect_garbage().unwrap().deleted, 0);
-    node.pins.unpin(&[id]);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let report = node.collect_garbage().unwrap();
+    assert!(report.ran, "the start-up quiet period is over");
+    assert_eq!(report.deleted, 0);
+    node.chunks().leases().release(&lease);
     assert_eq!(node.collect_garbage().unwrap().deleted, 1);
 }
 

@@ -7,9 +7,14 @@
 //!
 //! Stages are joined by channels of capacity one, so at most a few chunks of
 //! one upload are in memory at once, each paid for from the node's buffer
-//! budget. The object record is committed only after every chunk is durable;
-//! any failure or cancellation before that leaves no object (its chunks
-//! become garbage for the collector).
+//! budget. The object record is committed only after every chunk is durable
+//! on W nodes, and the upload is acknowledged only once the record is durable
+//! on W nodes too; any failure or cancellation before the commit leaves no
+//! object (its chunks become garbage for the collector).
+//!
+//! From its first chunk to its commit an upload holds a lease on every node
+//! that holds its chunks (`cluster::lease`), renewed on a timer, so no
+//! collector anywhere takes them however long the client pauses.
 
 use std::collections::HashMap;
 
@@ -18,9 +23,9 @@ use sha1::{Digest, Sha1};
 use tokio::{sync::mpsc, task::JoinSet};
 use tokio_stream::{Stream, StreamExt};
 
-use super::{Node, NodeError, Pins, now_ms, parse_sha1, validate_key};
+use super::{Node, NodeError, now_ms, parse_sha1, validate_key};
 use crate::{
-    cluster::ClusterError,
+    cluster::{ClusterError, UploadLease},
     crypto::{ChunkId, IV_LEN},
     proto::ObjectRecord,
 };
@@ -50,16 +55,12 @@ struct ChunkBuf {
     permit: tokio::sync::OwnedSemaphorePermit,
 }
 
-/// Unpins an upload's chunks when the upload ends, however it ends.
-struct PinGuard<'a> {
-    pins: &'a Pins,
+/// The chunks an upload has written, in file order, and which of the
+/// lease's holders took each one.
+#[derive(Default)]
+struct Written {
     ids: Vec<ChunkId>,
-}
-
-impl Drop for PinGuard<'_> {
-    fn drop(&mut self) {
-        self.pins.unpin(&self.ids);
-    }
+    copies: Vec<Vec<u16>>,
 }
 
 impl Node {
@@ -74,23 +75,23 @@ impl Node {
             "" => None,
             hex => Some(parse_sha1(hex)?),
         };
+        // Refused before anything is stored: an upload that cannot be
+        // committed must not leave chunks behind on a partial cluster.
+        self.cluster.writable().map_err(NodeError::Unavailable)?;
+        let lease = self.cluster.lease_upload();
         let (fill_tx, fill_rx) = mpsc::channel::<ChunkBuf>(1);
         let (hashed_tx, hashed_rx) = mpsc::channel::<ChunkBuf>(1);
         let hasher = tokio::task::spawn_blocking(move || hash_file(fill_rx, hashed_tx));
-        let mut pins = PinGuard {
-            pins: &self.pins,
-            ids: Vec::new(),
-        };
         let (received, written) = tokio::join!(
             self.fill_chunks(stream, fill_tx),
-            self.write_chunks(hashed_rx, &mut pins)
+            self.write_chunks(hashed_rx, &lease)
         );
         let sha1 = hasher
             .await
             .map_err(|e| NodeError::Internal(format!("hasher stopped: {e}")))?;
         // A writer error is the cause of a receiver's "pipeline closed", so it
         // is reported first.
-        written?;
+        let mut written = written?;
         let size = received?;
         if let Some(expected) = expected
             && expected != sha1
@@ -101,12 +102,17 @@ impl Node {
                 hex::encode(expected)
             )));
         }
+        // Every chunk must still be on W good copies before the record
+        // makes it part of an object.
+        self.cluster
+            .confirm_copies(&lease, &written.ids, &mut written.copies)
+            .await?;
         let record = ObjectRecord {
             key: meta.key,
             size,
             sha1: Bytes::copy_from_slice(&sha1),
             chunk_size: self.cfg.chunk_size as u32,
-            chunk_ids: pins
+            chunk_ids: written
                 .ids
                 .iter()
                 .flat_map(|id| id.0)
@@ -118,12 +124,7 @@ impl Node {
             version: Some(self.index.next_version(&self.id)),
             deleted: false,
         };
-        let index = self.index.clone();
-        let committed = record.clone();
-        tokio::task::spawn_blocking(move || index.apply(&committed))
-            .await
-            .map_err(|e| NodeError::Internal(format!("index commit stopped: {e}")))??;
-        self.cluster.publish(&record).await;
+        self.cluster.commit_record(record.clone()).await?;
         Ok(record)
     }
 
@@ -200,40 +201,35 @@ impl Node {
     }
 
     /// Seals and writes chunks, `WRITE_PARALLELISM` at a time (sealing is
-    /// independent per chunk, so it spreads over cores), and pins each id
-    /// once written so the collector leaves it alone until the upload ends.
+    /// independent per chunk, so it spreads over cores). Every copy is
+    /// written under the upload's lease. Returns the ids in file order with
+    /// the holders of each.
     async fn write_chunks(
         &self,
         mut hashed: mpsc::Receiver<ChunkBuf>,
-        pins: &mut PinGuard<'_>,
-    ) -> Result<(), NodeError> {
+        lease: &std::sync::Arc<UploadLease>,
+    ) -> Result<Written, NodeError> {
         let mut writes = JoinSet::new();
-        let mut ids: Vec<Option<ChunkId>> = Vec::new();
-        let record = |done, ids: &mut Vec<Option<ChunkId>>, pins: &mut PinGuard<'_>| {
-            if let Some((index, id)) = join_write(done)? {
-                self.pins.pin(id);
-                pins.ids.push(id);
-                ids[index] = Some(id);
+        let mut slots: Vec<Option<(ChunkId, Vec<u16>)>> = Vec::new();
+        let record = |done, slots: &mut Vec<Option<(ChunkId, Vec<u16>)>>| {
+            if let Some((index, id, holders)) = join_write(done)? {
+                let copies = holders.iter().map(|h| lease.add_holder(h)).collect();
+                slots[index] = Some((id, copies));
             }
             Ok::<(), NodeError>(())
         };
-        // Written chunks have no record until the upload ends; peers keep
-        // them only while they look young, so an upload longer than the GC
-        // grace refreshes its remote copies every third of it.
-        let refresh_every = self.cfg.gc_grace / 3;
-        let mut refreshed = std::time::Instant::now();
         while let Some(mut chunk) = hashed.recv().await {
             while writes.len() >= WRITE_PARALLELISM {
-                record(writes.join_next().await, &mut ids, pins)?;
+                record(writes.join_next().await, &mut slots)?;
             }
-            if refreshed.elapsed() >= refresh_every {
-                self.cluster.keep_alive(&pins.ids).await;
-                refreshed = std::time::Instant::now();
-            }
-            let index = ids.len();
-            ids.push(None);
-            let (keys, cluster, budget) =
-                (self.keys.clone(), self.cluster.clone(), self.budget.clone());
+            let index = slots.len();
+            slots.push(None);
+            let (keys, cluster, budget, lease) = (
+                self.keys.clone(),
+                self.cluster.clone(),
+                self.budget.clone(),
+                lease.clone(),
+            );
             writes.spawn(async move {
                 let (id, chunk) = tokio::task::spawn_blocking(move || {
                     let id = keys.seal_in_place(&mut chunk.data);
@@ -243,29 +239,31 @@ impl Node {
                 .map_err(|e| ClusterError::Internal(format!("sealing stopped: {e}")))?;
                 // The budget and the buffer stay held until every copy is written.
                 let sealed = budget.lend(chunk.data, chunk.permit);
-                cluster.replicate(id, sealed).await.map(|_| (index, id))
+                let holders = cluster.replicate(id, sealed, Some(&lease)).await?;
+                Ok((index, id, holders))
             });
         }
         while let Some(done) = writes.join_next().await {
-            record(Some(done), &mut ids, pins)?;
-        }
-        if refreshed.elapsed() >= refresh_every {
-            self.cluster.keep_alive(&pins.ids).await;
+            record(Some(done), &mut slots)?;
         }
         // Record order is file order, whatever order the writes finished in.
-        pins.ids = ids
+        let mut written = Written::default();
+        for (id, copies) in slots
             .into_iter()
-            .map(|id| id.expect("every chunk was written"))
-            .collect();
-        Ok(())
+            .map(|s| s.expect("every chunk was written"))
+        {
+            written.ids.push(id);
+            written.copies.push(copies);
+        }
+        Ok(written)
     }
 }
 
-type WriteResult = Result<(usize, ChunkId), ClusterError>;
+type WriteResult = Result<(usize, ChunkId, Vec<String>), ClusterError>;
 
 fn join_write(
     done: Option<Result<WriteResult, tokio::task::JoinError>>,
-) -> Result<Option<(usize, ChunkId)>, NodeError> {
+) -> Result<Option<(usize, ChunkId, Vec<String>)>, NodeError> {
     match done {
         None => Ok(None),
         Some(Ok(result)) => result.map(Some).map_err(NodeError::from),

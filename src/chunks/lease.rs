@@ -1,0 +1,138 @@
+//! Leases: what keeps the chunks of an upload in progress away from the
+//! collector, on every node that holds them, however long the client pauses.
+//!
+//! A chunk has no object record until its upload commits, so the collector
+//! would see it as garbage once it is older than the grace period. An upload
+//! therefore holds a lease on every node it writes to: the lease names the
+//! upload (a random id), says how long the upload has run (`age`) and for how
+//! long the lease holds (`ttl`). The gateway renews it on a timer, not on
+//! data arrival, so a client that sends nothing for an hour keeps its chunks.
+//!
+//! A lease protects by time, not by chunk list: while it holds, the collector
+//! spares every chunk written or refreshed since the upload began (its
+//! `since`, on this node's clock, computed from the age the gateway reports).
+//! Every chunk an upload writes or deduplicates gets a fresh mtime, so it is
+//! covered; memory is one entry per upload, whatever its size. A renewal is a
+//! full grant, so a node that restarted (and lost its leases) has them back
+//! at the next renewal, and the collector does not run until the node has been
+//! up for one lease period.
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant, SystemTime},
+};
+
+/// Identifies one upload's lease on every node.
+pub type LeaseId = [u8; 16];
+
+/// Clock and mtime slack: file times have coarse granularity on some file
+/// systems, and the age a gateway reports was measured a moment ago.
+const SLACK: Duration = Duration::from_secs(2);
+
+/// The lease period for a collector grace of `gc_grace`: short enough that an
+/// abandoned upload stops protecting garbage soon, long enough that renewals
+/// (a third of it apart) survive a slow peer.
+pub fn ttl_for(gc_grace: Duration) -> Duration {
+    gc_grace.clamp(Duration::from_millis(100), Duration::from_secs(60))
+}
+
+struct Lease {
+    since: SystemTime,
+    expires: Instant,
+}
+
+/// The leases held on this node (its own uploads' and its peers').
+pub struct Leases {
+    held: Mutex<HashMap<LeaseId, Lease>>,
+    opened: Instant,
+    quiet: Duration,
+}
+
+impl Leases {
+    /// A table for a node whose leases last up to `ttl`: the collector waits
+    /// that long after start-up for the renewals of uploads already running.
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            held: Mutex::new(HashMap::new()),
+            opened: Instant::now(),
+            quiet: ttl,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<LeaseId, Lease>> {
+        // Each update is one map operation: a panic cannot leave it torn.
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Grants or renews a lease for an upload that began `age` ago, for `ttl`
+    /// from now. A renewal never moves `since` later.
+    pub fn hold(&self, id: LeaseId, age: Duration, ttl: Duration) {
+        let since = SystemTime::now()
+            .checked_sub(age + SLACK)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let expires = Instant::now() + ttl;
+        let mut held = self.lock();
+        let lease = held.entry(id).or_insert(Lease { since, expires });
+        lease.since = lease.since.min(since);
+        lease.expires = lease.expires.max(expires);
+    }
+
+    /// Ends a lease early (its upload finished or failed on this node).
+    pub fn release(&self, id: &LeaseId) {
+        self.lock().remove(id);
+    }
+
+    /// Chunks written or refreshed at or after this time belong, for all
+    /// this node knows, to an upload in progress. `None`: no lease holds.
+    pub fn protected_since(&self) -> Option<SystemTime> {
+        let now = Instant::now();
+        let mut held = self.lock();
+        held.retain(|_, l| l.expires > now);
+        held.values().map(|l| l.since).min()
+    }
+
+    /// Whether the collector may run: not before every upload that was in
+    /// progress when this node started had its chance to renew its lease.
+    pub fn collection_allowed(&self) -> bool {
+        self.opened.elapsed() >= self.quiet
+    }
+
+    /// Leases in force.
+    pub fn count(&self) -> usize {
+        let now = Instant::now();
+        self.lock().values().filter(|l| l.expires > now).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_protects_what_was_written_since_its_upload_began() {
+        let leases = Leases::new(Duration::from_secs(5));
+        assert!(leases.protected_since().is_none());
+        leases.hold([1; 16], Duration::from_secs(100), Duration::from_secs(5));
+        let since = leases.protected_since().unwrap();
+        let age = SystemTime::now().duration_since(since).unwrap();
+        assert!(age >= Duration::from_secs(100) && age < Duration::from_secs(110));
+        // A renewal reporting a shorter age keeps the earlier start.
+        leases.hold([1; 16], Duration::from_secs(1), Duration::from_secs(5));
+        assert_eq!(leases.protected_since(), Some(since));
+        leases.release(&[1; 16]);
+        assert!(leases.protected_since().is_none());
+    }
+
+    #[test]
+    fn expired_leases_protect_nothing_and_collection_waits_after_start() {
+        let leases = Leases::new(Duration::from_millis(30));
+        assert!(!leases.collection_allowed());
+        leases.hold([2; 16], Duration::ZERO, Duration::from_millis(20));
+        assert_eq!(leases.count(), 1);
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(leases.protected_since().is_none());
+        assert_eq!(leases.count(), 0);
+        assert!(leases.collection_allowed());
+    }
+}

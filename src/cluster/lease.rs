@@ -1,0 +1,284 @@
+//! The gateway's side of upload leases (see `chunks::lease` for the holder's
+//! side): grant a lease with every chunk written, renew it on every holder on
+//! a timer while the upload runs, and before the record is committed make
+//! sure every chunk is still on W holders, re-writing any that is not.
+
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex, Weak},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+
+use super::{Cluster, ClusterError};
+use crate::{
+    chunks::{Chunks, LeaseId},
+    crypto::ChunkId,
+    proto::{HasChunks, Lease, PeerMessage, RenewLeases, peer_message::Kind},
+};
+
+/// Chunk ids per verifying HasChunks: each one reads a chunk on the holder.
+const CONFIRM_BATCH: usize = 256;
+
+/// An upload's lease, held from its first chunk to its commit. Dropping it
+/// stops the renewals and releases the lease on this node; the holders'
+/// copies of it expire within one lease period.
+pub struct UploadLease {
+    id: LeaseId,
+    started: Instant,
+    ttl: Duration,
+    chunks: Arc<Chunks>,
+    /// Every member a copy was sent to; a chunk's holders are indices here.
+    holders: Mutex<Vec<String>>,
+    /// Holders a renewal could not reach, or that answered as another node:
+    /// their copies are re-checked before the commit.
+    suspects: Mutex<HashSet<String>>,
+    renewer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl UploadLease {
+    /// The lease as a holder is told it (age measured now).
+    pub fn grant(&self) -> Lease {
+        Lease {
+            id: self.id.to_vec().into(),
+            age_ms: self.started.elapsed().as_millis() as u64,
+            ttl_ms: self.ttl.as_millis() as u64,
+        }
+    }
+
+    /// Notes that `member` is about to receive a copy; returns its index.
+    pub fn add_holder(&self, member: &str) -> u16 {
+        let mut holders = self.holders.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = holders.iter().position(|h| h == member) {
+            return i as u16;
+        }
+        holders.push(member.to_owned());
+        (holders.len() - 1) as u16
+    }
+
+    /// The member at `index` (see [`UploadLease::add_holder`]).
+    pub fn holder(&self, index: u16) -> Option<String> {
+        let holders = self.holders.lock().unwrap_or_else(|p| p.into_inner());
+        holders.get(index as usize).cloned()
+    }
+
+    fn holder_ids(&self) -> Vec<String> {
+        self.holders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn suspect(&self, member: &str) {
+        self.suspects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(member.to_owned());
+    }
+
+    fn suspects(&self) -> HashSet<String> {
+        self.suspects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn renew_locally(&self) {
+        self.chunks
+            .leases()
+            .hold(self.id, self.started.elapsed(), self.ttl);
+    }
+}
+
+impl Drop for UploadLease {
+    fn drop(&mut self) {
+        if let Some(task) = self
+            .renewer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            task.abort();
+        }
+        self.chunks.leases().release(&self.id);
+    }
+}
+
+impl Cluster {
+    /// Opens a lease for a new upload: held on this node now, granted to
+    /// every holder with its first copy, renewed every third of its period
+    /// until the returned lease is dropped.
+    pub fn lease_upload(self: &Arc<Self>) -> Arc<UploadLease> {
+        let mut id = [0u8; 16];
+        rand::Rng::fill_bytes(&mut rand::rng(), &mut id);
+        let lease = Arc::new(UploadLease {
+            id,
+            started: Instant::now(),
+            ttl: self.cfg.lease_ttl,
+            chunks: self.chunks.clone(),
+            holders: Mutex::new(Vec::new()),
+            suspects: Mutex::new(HashSet::new()),
+            renewer: Mutex::new(None),
+        });
+        lease.renew_locally();
+        let task = tokio::spawn(self.clone().renew_loop(Arc::downgrade(&lease)));
+        *lease.renewer.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        lease
+    }
+
+    async fn renew_loop(self: Arc<Self>, lease: Weak<UploadLease>) {
+        let every = self.cfg.lease_ttl / 3;
+        loop {
+            tokio::time::sleep(every).await;
+            let Some(lease) = lease.upgrade() else { return };
+            lease.renew_locally();
+            let mut renewals = tokio::task::JoinSet::new();
+            for member in lease
+                .holder_ids()
+                .into_iter()
+                .filter(|m| *m != self.node_id)
+            {
+                let (this, lease) = (self.clone(), lease.clone());
+                renewals.spawn(async move {
+                    let renewed = tokio::time::timeout(every, this.renew_on(&member, &lease)).await;
+                    if !matches!(renewed, Ok(Ok(()))) {
+                        tracing::warn!(member = %member, "cannot renew an upload's lease; its copies there will be re-checked before the commit");
+                        lease.suspect(&member);
+                    }
+                });
+            }
+            while renewals.join_next().await.is_some() {}
+        }
+    }
+
+    async fn renew_on(&self, member: &str, lease: &UploadLease) -> Result<(), ClusterError> {
+        let (Some(pool), Some(addr)) = (self.pool(), self.membership.addr_of(member)) else {
+            return Err(ClusterError::Unreachable(format!(
+                "no address for {member}"
+            )));
+        };
+        let msg = PeerMessage {
+            has_body: false,
+            kind: Some(Kind::RenewLeases(RenewLeases {
+                leases: vec![lease.grant()],
+            })),
+        };
+        let reply = pool
+            .request(&addr, msg, None)
+            .await
+            .map_err(|e| ClusterError::Unreachable(e.to_string()))?;
+        if reply.peer.node_id != member {
+            return Err(ClusterError::WrongNode {
+                member: member.to_owned(),
+                answered: reply.peer.node_id,
+            });
+        }
+        match reply.msg.kind {
+            Some(Kind::RenewLeasesReply(_)) => Ok(()),
+            _ => Err(ClusterError::Internal(
+                "unexpected reply to RenewLeases".into(),
+            )),
+        }
+    }
+
+    /// Before an upload commits: every chunk must still be on W good copies.
+    /// Holders the lease lost touch with are asked to verify what they hold;
+    /// a chunk that fell below W is fetched from a good copy and written
+    /// again. `copies[i]` holds the holder indices of `ids[i]` and is
+    /// updated. Fails if a chunk cannot be brought back to W copies.
+    pub async fn confirm_copies(
+        &self,
+        lease: &UploadLease,
+        ids: &[ChunkId],
+        copies: &mut [Vec<u16>],
+    ) -> Result<(), ClusterError> {
+        let suspects = lease.suspects();
+        if suspects.is_empty() {
+            return Ok(());
+        }
+        for member in &suspects {
+            let Some(index) = lease.holder_ids().iter().position(|h| h == member) else {
+                continue;
+            };
+            let index = index as u16;
+            let on_it: Vec<usize> = (0..ids.len())
+                .filter(|i| copies[*i].contains(&index))
+                .collect();
+            for batch in on_it.chunks(CONFIRM_BATCH) {
+                let asked: Vec<ChunkId> = batch.iter().map(|i| ids[*i]).collect();
+                let good = self.has_verified(member, &asked).await;
+                for (i, ok) in batch.iter().zip(good) {
+                    if !ok {
+                        copies[*i].retain(|h| *h != index);
+                    }
+                }
+            }
+        }
+        let w = self.write_quorum();
+        for (i, id) in ids.iter().enumerate() {
+            if copies[i].len() >= w {
+                continue;
+            }
+            tracing::warn!(chunk = %id, copies = copies[i].len(), required = w,
+                "a chunk of the upload lost copies while it ran; writing it again");
+            let sealed = self.good_copy(*id).await?;
+            let holders = self.replicate(*id, sealed, Some(lease)).await?;
+            copies[i] = holders.iter().map(|h| lease.add_holder(h)).collect();
+        }
+        Ok(())
+    }
+
+    /// A verified sealed copy of a chunk: local if good, else from a peer.
+    async fn good_copy(&self, id: ChunkId) -> Result<Bytes, ClusterError> {
+        let chunks = self.chunks.clone();
+        if let Ok(Ok(sealed)) = tokio::task::spawn_blocking(move || chunks.read_verified(&id)).await
+        {
+            return Ok(Bytes::from(sealed));
+        }
+        self.fetch(id).await
+    }
+
+    /// Which of `ids` `member` holds good copies of (all false when it cannot
+    /// be asked, or answers as another node).
+    pub(super) async fn has_verified(&self, member: &str, ids: &[ChunkId]) -> Vec<bool> {
+        self.has_chunks_on(member, ids, true)
+            .await
+            .unwrap_or_else(|| vec![false; ids.len()])
+    }
+
+    /// Asks `member` which of `ids` it holds (`verify`: holds good copies
+    /// of). `None` when it cannot be asked or answers as another node.
+    pub(super) async fn has_chunks_on(
+        &self,
+        member: &str,
+        ids: &[ChunkId],
+        verify: bool,
+    ) -> Option<Vec<bool>> {
+        if member == self.node_id {
+            let (chunks, ids) = (self.chunks.clone(), ids.to_vec());
+            return tokio::task::spawn_blocking(move || {
+                ids.iter().map(|id| chunks.holds(id, verify)).collect()
+            })
+            .await
+            .ok();
+        }
+        let (pool, addr) = (self.pool()?, self.membership.addr_of(member)?);
+        let msg = PeerMessage {
+            has_body: false,
+            kind: Some(Kind::HasChunks(HasChunks {
+                chunk_ids: ids.iter().map(|id| id.0.to_vec().into()).collect(),
+                touch: false,
+                verify,
+            })),
+        };
+        let reply = pool.request(&addr, msg, None).await.ok()?;
+        if reply.peer.node_id != member {
+            return None;
+        }
+        match reply.msg.kind {
+            Some(Kind::HasChunksReply(r)) if r.present.len() == ids.len() => Some(r.present),
+            _ => None,
+        }
+    }
+}
