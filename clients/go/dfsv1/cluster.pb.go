@@ -23,6 +23,86 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type ForgetMemberRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	NodeId        string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ForgetMemberRequest) Reset() {
+	*x = ForgetMemberRequest{}
+	mi := &file_dfs_v1_cluster_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ForgetMemberRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ForgetMemberRequest) ProtoMessage() {}
+
+func (x *ForgetMemberRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_dfs_v1_cluster_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ForgetMemberRequest.ProtoReflect.Descriptor instead.
+func (*ForgetMemberRequest) Descriptor() ([]byte, []int) {
+	return file_dfs_v1_cluster_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *ForgetMemberRequest) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+type ForgetMemberResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ForgetMemberResponse) Reset() {
+	*x = ForgetMemberResponse{}
+	mi := &file_dfs_v1_cluster_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ForgetMemberResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ForgetMemberResponse) ProtoMessage() {}
+
+func (x *ForgetMemberResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_dfs_v1_cluster_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ForgetMemberResponse.ProtoReflect.Descriptor instead.
+func (*ForgetMemberResponse) Descriptor() ([]byte, []int) {
+	return file_dfs_v1_cluster_proto_rawDescGZIP(), []int{1}
+}
+
 type StatusRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -31,7 +111,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_dfs_v1_cluster_proto_msgTypes[0]
+	mi := &file_dfs_v1_cluster_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -43,7 +123,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dfs_v1_cluster_proto_msgTypes[0]
+	mi := &file_dfs_v1_cluster_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -56,7 +136,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_dfs_v1_cluster_proto_rawDescGZIP(), []int{0}
+	return file_dfs_v1_cluster_proto_rawDescGZIP(), []int{2}
 }
 
 type MemberStatus struct {
@@ -64,7 +144,8 @@ type MemberStatus struct {
 	NodeId string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
 	// Address of the member's peer port.
 	Address string `protobuf:"bytes,2,opt,name=address,proto3" json:"address,omitempty"`
-	// "self", "up" or "down".
+	// "self", "up", "down", or "unknown" (remembered or learned of, not yet
+	// heard from).
 	State string `protobuf:"bytes,3,opt,name=state,proto3" json:"state,omitempty"`
 	// Milliseconds since the Unix epoch when this node last heard from the member.
 	LastSeenUnixMs uint64 `protobuf:"varint,4,opt,name=last_seen_unix_ms,json=lastSeenUnixMs,proto3" json:"last_seen_unix_ms,omitempty"`
@@ -76,7 +157,7 @@ type MemberStatus struct {
 
 func (x *MemberStatus) Reset() {
 	*x = MemberStatus{}
-	mi := &file_dfs_v1_cluster_proto_msgTypes[1]
+	mi := &file_dfs_v1_cluster_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -88,7 +169,7 @@ func (x *MemberStatus) String() string {
 func (*MemberStatus) ProtoMessage() {}
 
 func (x *MemberStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_dfs_v1_cluster_proto_msgTypes[1]
+	mi := &file_dfs_v1_cluster_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -101,7 +182,7 @@ func (x *MemberStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MemberStatus.ProtoReflect.Descriptor instead.
 func (*MemberStatus) Descriptor() ([]byte, []int) {
-	return file_dfs_v1_cluster_proto_rawDescGZIP(), []int{1}
+	return file_dfs_v1_cluster_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *MemberStatus) GetNodeId() string {
@@ -164,15 +245,22 @@ type StatusResponse struct {
 	// Chunks waiting for repair on this node.
 	RepairBacklog uint64 `protobuf:"varint,8,opt,name=repair_backlog,json=repairBacklog,proto3" json:"repair_backlog,omitempty"`
 	// Peak resident memory of the node process (VmHWM), in bytes.
-	PeakRssBytes  uint64 `protobuf:"varint,9,opt,name=peak_rss_bytes,json=peakRssBytes,proto3" json:"peak_rss_bytes,omitempty"`
-	Version       string `protobuf:"bytes,10,opt,name=version,proto3" json:"version,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	PeakRssBytes uint64 `protobuf:"varint,9,opt,name=peak_rss_bytes,json=peakRssBytes,proto3" json:"peak_rss_bytes,omitempty"`
+	Version      string `protobuf:"bytes,10,opt,name=version,proto3" json:"version,omitempty"`
+	// What the scrubber has done since the node started.
+	Scrub *ScrubStatus `protobuf:"bytes,11,opt,name=scrub,proto3" json:"scrub,omitempty"`
+	// Whether this node can accept writes now (it reaches enough members for
+	// the write rule, and its clock agrees with theirs); `not_ready_reason`
+	// says why not.
+	Writable       bool   `protobuf:"varint,12,opt,name=writable,proto3" json:"writable,omitempty"`
+	NotReadyReason string `protobuf:"bytes,13,opt,name=not_ready_reason,json=notReadyReason,proto3" json:"not_ready_reason,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_dfs_v1_cluster_proto_msgTypes[2]
+	mi := &file_dfs_v1_cluster_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -184,7 +272,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dfs_v1_cluster_proto_msgTypes[2]
+	mi := &file_dfs_v1_cluster_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -197,7 +285,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_dfs_v1_cluster_proto_rawDescGZIP(), []int{2}
+	return file_dfs_v1_cluster_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *StatusResponse) GetNodeId() string {
@@ -270,11 +358,113 @@ func (x *StatusResponse) GetVersion() string {
 	return ""
 }
 
+func (x *StatusResponse) GetScrub() *ScrubStatus {
+	if x != nil {
+		return x.Scrub
+	}
+	return nil
+}
+
+func (x *StatusResponse) GetWritable() bool {
+	if x != nil {
+		return x.Writable
+	}
+	return false
+}
+
+func (x *StatusResponse) GetNotReadyReason() string {
+	if x != nil {
+		return x.NotReadyReason
+	}
+	return ""
+}
+
+type ScrubStatus struct {
+	state           protoimpl.MessageState `protogen:"open.v1"`
+	Passes          uint64                 `protobuf:"varint,1,opt,name=passes,proto3" json:"passes,omitempty"`
+	CheckedThisPass uint64                 `protobuf:"varint,2,opt,name=checked_this_pass,json=checkedThisPass,proto3" json:"checked_this_pass,omitempty"`
+	CheckedTotal    uint64                 `protobuf:"varint,3,opt,name=checked_total,json=checkedTotal,proto3" json:"checked_total,omitempty"`
+	// Bad copies found on this node's disk (by the scrubber or by any read),
+	// quarantined and left for repair.
+	CorruptFound      uint64 `protobuf:"varint,4,opt,name=corrupt_found,json=corruptFound,proto3" json:"corrupt_found,omitempty"`
+	LastPassEndUnixMs uint64 `protobuf:"varint,5,opt,name=last_pass_end_unix_ms,json=lastPassEndUnixMs,proto3" json:"last_pass_end_unix_ms,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *ScrubStatus) Reset() {
+	*x = ScrubStatus{}
+	mi := &file_dfs_v1_cluster_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ScrubStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ScrubStatus) ProtoMessage() {}
+
+func (x *ScrubStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_dfs_v1_cluster_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ScrubStatus.ProtoReflect.Descriptor instead.
+func (*ScrubStatus) Descriptor() ([]byte, []int) {
+	return file_dfs_v1_cluster_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *ScrubStatus) GetPasses() uint64 {
+	if x != nil {
+		return x.Passes
+	}
+	return 0
+}
+
+func (x *ScrubStatus) GetCheckedThisPass() uint64 {
+	if x != nil {
+		return x.CheckedThisPass
+	}
+	return 0
+}
+
+func (x *ScrubStatus) GetCheckedTotal() uint64 {
+	if x != nil {
+		return x.CheckedTotal
+	}
+	return 0
+}
+
+func (x *ScrubStatus) GetCorruptFound() uint64 {
+	if x != nil {
+		return x.CorruptFound
+	}
+	return 0
+}
+
+func (x *ScrubStatus) GetLastPassEndUnixMs() uint64 {
+	if x != nil {
+		return x.LastPassEndUnixMs
+	}
+	return 0
+}
+
 var File_dfs_v1_cluster_proto protoreflect.FileDescriptor
 
 const file_dfs_v1_cluster_proto_rawDesc = "" +
 	"\n" +
-	"\x14dfs/v1/cluster.proto\x12\x06dfs.v1\"\x0f\n" +
+	"\x14dfs/v1/cluster.proto\x12\x06dfs.v1\".\n" +
+	"\x13ForgetMemberRequest\x12\x17\n" +
+	"\anode_id\x18\x01 \x01(\tR\x06nodeId\"\x16\n" +
+	"\x14ForgetMemberResponse\"\x0f\n" +
 	"\rStatusRequest\"\xc6\x01\n" +
 	"\fMemberStatus\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x18\n" +
@@ -283,7 +473,7 @@ const file_dfs_v1_cluster_proto_rawDesc = "" +
 	"\x11last_seen_unix_ms\x18\x04 \x01(\x04R\x0elastSeenUnixMs\x12\x1f\n" +
 	"\vchunk_count\x18\x05 \x01(\x04R\n" +
 	"chunkCount\x12!\n" +
-	"\fbytes_stored\x18\x06 \x01(\x04R\vbytesStored\"\xeb\x02\n" +
+	"\fbytes_stored\x18\x06 \x01(\x04R\vbytesStored\"\xdc\x03\n" +
 	"\x0eStatusResponse\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12!\n" +
 	"\fgrpc_address\x18\x02 \x01(\tR\vgrpcAddress\x12\x1f\n" +
@@ -297,9 +487,19 @@ const file_dfs_v1_cluster_proto_rawDesc = "" +
 	"\x0erepair_backlog\x18\b \x01(\x04R\rrepairBacklog\x12$\n" +
 	"\x0epeak_rss_bytes\x18\t \x01(\x04R\fpeakRssBytes\x12\x18\n" +
 	"\aversion\x18\n" +
-	" \x01(\tR\aversion2B\n" +
+	" \x01(\tR\aversion\x12)\n" +
+	"\x05scrub\x18\v \x01(\v2\x13.dfs.v1.ScrubStatusR\x05scrub\x12\x1a\n" +
+	"\bwritable\x18\f \x01(\bR\bwritable\x12(\n" +
+	"\x10not_ready_reason\x18\r \x01(\tR\x0enotReadyReason\"\xcd\x01\n" +
+	"\vScrubStatus\x12\x16\n" +
+	"\x06passes\x18\x01 \x01(\x04R\x06passes\x12*\n" +
+	"\x11checked_this_pass\x18\x02 \x01(\x04R\x0fcheckedThisPass\x12#\n" +
+	"\rchecked_total\x18\x03 \x01(\x04R\fcheckedTotal\x12#\n" +
+	"\rcorrupt_found\x18\x04 \x01(\x04R\fcorruptFound\x120\n" +
+	"\x15last_pass_end_unix_ms\x18\x05 \x01(\x04R\x11lastPassEndUnixMs2\x8d\x01\n" +
 	"\aCluster\x127\n" +
-	"\x06Status\x12\x15.dfs.v1.StatusRequest\x1a\x16.dfs.v1.StatusResponseB3Z1github.com/dfs-storage/dfs/clients/go/dfsv1;dfsv1b\x06proto3"
+	"\x06Status\x12\x15.dfs.v1.StatusRequest\x1a\x16.dfs.v1.StatusResponse\x12I\n" +
+	"\fForgetMember\x12\x1b.dfs.v1.ForgetMemberRequest\x1a\x1c.dfs.v1.ForgetMemberResponseB3Z1github.com/dfs-storage/dfs/clients/go/dfsv1;dfsv1b\x06proto3"
 
 var (
 	file_dfs_v1_cluster_proto_rawDescOnce sync.Once
@@ -313,21 +513,27 @@ func file_dfs_v1_cluster_proto_rawDescGZIP() []byte {
 	return file_dfs_v1_cluster_proto_rawDescData
 }
 
-var file_dfs_v1_cluster_proto_msgTypes = make([]protoimpl.MessageInfo, 3)
+var file_dfs_v1_cluster_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
 var file_dfs_v1_cluster_proto_goTypes = []any{
-	(*StatusRequest)(nil),  // 0: dfs.v1.StatusRequest
-	(*MemberStatus)(nil),   // 1: dfs.v1.MemberStatus
-	(*StatusResponse)(nil), // 2: dfs.v1.StatusResponse
+	(*ForgetMemberRequest)(nil),  // 0: dfs.v1.ForgetMemberRequest
+	(*ForgetMemberResponse)(nil), // 1: dfs.v1.ForgetMemberResponse
+	(*StatusRequest)(nil),        // 2: dfs.v1.StatusRequest
+	(*MemberStatus)(nil),         // 3: dfs.v1.MemberStatus
+	(*StatusResponse)(nil),       // 4: dfs.v1.StatusResponse
+	(*ScrubStatus)(nil),          // 5: dfs.v1.ScrubStatus
 }
 var file_dfs_v1_cluster_proto_depIdxs = []int32{
-	1, // 0: dfs.v1.StatusResponse.members:type_name -> dfs.v1.MemberStatus
-	0, // 1: dfs.v1.Cluster.Status:input_type -> dfs.v1.StatusRequest
-	2, // 2: dfs.v1.Cluster.Status:output_type -> dfs.v1.StatusResponse
-	2, // [2:3] is the sub-list for method output_type
-	1, // [1:2] is the sub-list for method input_type
-	1, // [1:1] is the sub-list for extension type_name
-	1, // [1:1] is the sub-list for extension extendee
-	0, // [0:1] is the sub-list for field type_name
+	3, // 0: dfs.v1.StatusResponse.members:type_name -> dfs.v1.MemberStatus
+	5, // 1: dfs.v1.StatusResponse.scrub:type_name -> dfs.v1.ScrubStatus
+	2, // 2: dfs.v1.Cluster.Status:input_type -> dfs.v1.StatusRequest
+	0, // 3: dfs.v1.Cluster.ForgetMember:input_type -> dfs.v1.ForgetMemberRequest
+	4, // 4: dfs.v1.Cluster.Status:output_type -> dfs.v1.StatusResponse
+	1, // 5: dfs.v1.Cluster.ForgetMember:output_type -> dfs.v1.ForgetMemberResponse
+	4, // [4:6] is the sub-list for method output_type
+	2, // [2:4] is the sub-list for method input_type
+	2, // [2:2] is the sub-list for extension type_name
+	2, // [2:2] is the sub-list for extension extendee
+	0, // [0:2] is the sub-list for field type_name
 }
 
 func init() { file_dfs_v1_cluster_proto_init() }
@@ -341,7 +547,7 @@ func file_dfs_v1_cluster_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_dfs_v1_cluster_proto_rawDesc), len(file_dfs_v1_cluster_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   3,
+			NumMessages:   6,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -21,7 +21,8 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Cluster_Status_FullMethodName = "/dfs.v1.Cluster/Status"
+	Cluster_Status_FullMethodName       = "/dfs.v1.Cluster/Status"
+	Cluster_ForgetMember_FullMethodName = "/dfs.v1.Cluster/ForgetMember"
 )
 
 // ClusterClient is the client API for Cluster service.
@@ -30,6 +31,11 @@ const (
 type ClusterClient interface {
 	// Reports this node's identity, addresses, usage and view of the cluster.
 	Status(ctx context.Context, in *StatusRequest, opts ...grpc.CallOption) (*StatusResponse, error)
+	// Removes a dead member from the cluster for good: every node stops
+	// counting it, repair re-replicates what it held, and it is refused if it
+	// ever comes back (a node needs a fresh data dir to rejoin). A member that
+	// is up is refused (FAILED_PRECONDITION): stop it first.
+	ForgetMember(ctx context.Context, in *ForgetMemberRequest, opts ...grpc.CallOption) (*ForgetMemberResponse, error)
 }
 
 type clusterClient struct {
@@ -50,12 +56,27 @@ func (c *clusterClient) Status(ctx context.Context, in *StatusRequest, opts ...g
 	return out, nil
 }
 
+func (c *clusterClient) ForgetMember(ctx context.Context, in *ForgetMemberRequest, opts ...grpc.CallOption) (*ForgetMemberResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ForgetMemberResponse)
+	err := c.cc.Invoke(ctx, Cluster_ForgetMember_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ClusterServer is the server API for Cluster service.
 // All implementations must embed UnimplementedClusterServer
 // for forward compatibility.
 type ClusterServer interface {
 	// Reports this node's identity, addresses, usage and view of the cluster.
 	Status(context.Context, *StatusRequest) (*StatusResponse, error)
+	// Removes a dead member from the cluster for good: every node stops
+	// counting it, repair re-replicates what it held, and it is refused if it
+	// ever comes back (a node needs a fresh data dir to rejoin). A member that
+	// is up is refused (FAILED_PRECONDITION): stop it first.
+	ForgetMember(context.Context, *ForgetMemberRequest) (*ForgetMemberResponse, error)
 	mustEmbedUnimplementedClusterServer()
 }
 
@@ -68,6 +89,9 @@ type UnimplementedClusterServer struct{}
 
 func (UnimplementedClusterServer) Status(context.Context, *StatusRequest) (*StatusResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Status not implemented")
+}
+func (UnimplementedClusterServer) ForgetMember(context.Context, *ForgetMemberRequest) (*ForgetMemberResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ForgetMember not implemented")
 }
 func (UnimplementedClusterServer) mustEmbedUnimplementedClusterServer() {}
 func (UnimplementedClusterServer) testEmbeddedByValue()                 {}
@@ -108,6 +132,24 @@ func _Cluster_Status_Handler(srv interface{}, ctx context.Context, dec func(inte
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Cluster_ForgetMember_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ForgetMemberRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ClusterServer).ForgetMember(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Cluster_ForgetMember_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ClusterServer).ForgetMember(ctx, req.(*ForgetMemberRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Cluster_ServiceDesc is the grpc.ServiceDesc for Cluster service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -118,6 +160,10 @@ var Cluster_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Status",
 			Handler:    _Cluster_Status_Handler,
+		},
+		{
+			MethodName: "ForgetMember",
+			Handler:    _Cluster_ForgetMember_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64\x66s/v1/cluster.proto\x12\x06\x64\x66s.v1\"\x0f\n\rStatusRequest\"\x85\x01\n\x0cMemberStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x19\n\x11last_seen_unix_ms\x18\x04 \x01(\x04\x12\x13\n\x0b\x63hunk_count\x18\x05 \x01(\x04\x12\x14\n\x0c\x62ytes_stored\x18\x06 \x01(\x04\"\xf5\x01\n\x0eStatusResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x02 \x01(\t\x12\x13\n\x0bp2p_address\x18\x03 \x01(\t\x12\x14\n\x0cobject_count\x18\x04 \x01(\x04\x12\x13\n\x0b\x63hunk_count\x18\x05 \x01(\x04\x12\x14\n\x0c\x62ytes_stored\x18\x06 \x01(\x04\x12%\n\x07members\x18\x07 \x03(\x0b\x32\x14.dfs.v1.MemberStatus\x12\x16\n\x0erepair_backlog\x18\x08 \x01(\x04\x12\x16\n\x0epeak_rss_bytes\x18\t \x01(\x04\x12\x0f\n\x07version\x18\n \x01(\t2B\n\x07\x43luster\x12\x37\n\x06Status\x12\x15.dfs.v1.StatusRequest\x1a\x16.dfs.v1.StatusResponseB3Z1github.com/dfs-storage/dfs/clients/go/dfsv1;dfsv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64\x66s/v1/cluster.proto\x12\x06\x64\x66s.v1\"&\n\x13\x46orgetMemberRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"\x16\n\x14\x46orgetMemberResponse\"\x0f\n\rStatusRequest\"\x85\x01\n\x0cMemberStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x19\n\x11last_seen_unix_ms\x18\x04 \x01(\x04\x12\x13\n\x0b\x63hunk_count\x18\x05 \x01(\x04\x12\x14\n\x0c\x62ytes_stored\x18\x06 \x01(\x04\"\xc5\x02\n\x0eStatusResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x02 \x01(\t\x12\x13\n\x0bp2p_address\x18\x03 \x01(\t\x12\x14\n\x0cobject_count\x18\x04 \x01(\x04\x12\x13\n\x0b\x63hunk_count\x18\x05 \x01(\x04\x12\x14\n\x0c\x62ytes_stored\x18\x06 \x01(\x04\x12%\n\x07members\x18\x07 \x03(\x0b\x32\x14.dfs.v1.MemberStatus\x12\x16\n\x0erepair_backlog\x18\x08 \x01(\x04\x12\x16\n\x0epeak_rss_bytes\x18\t \x01(\x04\x12\x0f\n\x07version\x18\n \x01(\t\x12\"\n\x05scrub\x18\x0b \x01(\x0b\x32\x13.dfs.v1.ScrubStatus\x12\x10\n\x08writable\x18\x0c \x01(\x08\x12\x18\n\x10not_ready_reason\x18\r \x01(\t\"\x85\x01\n\x0bScrubStatus\x12\x0e\n\x06passes\x18\x01 \x01(\x04\x12\x19\n\x11\x63hecked_this_pass\x18\x02 \x01(\x04\x12\x15\n\rchecked_total\x18\x03 \x01(\x04\x12\x15\n\rcorrupt_found\x18\x04 \x01(\x04\x12\x1d\n\x15last_pass_end_unix_ms\x18\x05 \x01(\x04\x32\x8d\x01\n\x07\x43luster\x12\x37\n\x06Status\x12\x15.dfs.v1.StatusRequest\x1a\x16.dfs.v1.StatusResponse\x12I\n\x0c\x46orgetMember\x12\x1b.dfs.v1.ForgetMemberRequest\x1a\x1c.dfs.v1.ForgetMemberResponseB3Z1github.com/dfs-storage/dfs/clients/go/dfsv1;dfsv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,12 +32,18 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dfs.v1.cluster_pb2', _globa
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z1github.com/dfs-storage/dfs/clients/go/dfsv1;dfsv1'
-  _globals['_STATUSREQUEST']._serialized_start=32
-  _globals['_STATUSREQUEST']._serialized_end=47
-  _globals['_MEMBERSTATUS']._serialized_start=50
-  _globals['_MEMBERSTATUS']._serialized_end=183
-  _globals['_STATUSRESPONSE']._serialized_start=186
-  _globals['_STATUSRESPONSE']._serialized_end=431
-  _globals['_CLUSTER']._serialized_start=433
-  _globals['_CLUSTER']._serialized_end=499
+  _globals['_FORGETMEMBERREQUEST']._serialized_start=32
+  _globals['_FORGETMEMBERREQUEST']._serialized_end=70
+  _globals['_FORGETMEMBERRESPONSE']._serialized_start=72
+  _globals['_FORGETMEMBERRESPONSE']._serialized_end=94
+  _globals['_STATUSREQUEST']._serialized_start=96
+  _globals['_STATUSREQUEST']._serialized_end=111
+  _globals['_MEMBERSTATUS']._serialized_start=114
+  _globals['_MEMBERSTATUS']._serialized_end=247
+  _globals['_STATUSRESPONSE']._serialized_start=250
+  _globals['_STATUSRESPONSE']._serialized_end=575
+  _globals['_SCRUBSTATUS']._serialized_start=578
+  _globals['_SCRUBSTATUS']._serialized_end=711
+  _globals['_CLUSTER']._serialized_start=714
+  _globals['_CLUSTER']._serialized_end=855
 # @@protoc_insertion_point(module_scope)

@@ -39,6 +39,11 @@ class ClusterStub:
                 request_serializer=dfs_dot_v1_dot_cluster__pb2.StatusRequest.SerializeToString,
                 response_deserializer=dfs_dot_v1_dot_cluster__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.ForgetMember = channel.unary_unary(
+                '/dfs.v1.Cluster/ForgetMember',
+                request_serializer=dfs_dot_v1_dot_cluster__pb2.ForgetMemberRequest.SerializeToString,
+                response_deserializer=dfs_dot_v1_dot_cluster__pb2.ForgetMemberResponse.FromString,
+                _registered_method=True)
 
 
 class ClusterServicer:
@@ -51,6 +56,16 @@ class ClusterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForgetMember(self, request, context):
+        """Removes a dead member from the cluster for good: every node stops
+        counting it, repair re-replicates what it held, and it is refused if it
+        ever comes back (a node needs a fresh data dir to rejoin). A member that
+        is up is refused (FAILED_PRECONDITION): stop it first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClusterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -58,6 +73,11 @@ def add_ClusterServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=dfs_dot_v1_dot_cluster__pb2.StatusRequest.FromString,
                     response_serializer=dfs_dot_v1_dot_cluster__pb2.StatusResponse.SerializeToString,
+            ),
+            'ForgetMember': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetMember,
+                    request_deserializer=dfs_dot_v1_dot_cluster__pb2.ForgetMemberRequest.FromString,
+                    response_serializer=dfs_dot_v1_dot_cluster__pb2.ForgetMemberResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,6 +107,33 @@ class Cluster:
             '/dfs.v1.Cluster/Status',
             dfs_dot_v1_dot_cluster__pb2.StatusRequest.SerializeToString,
             dfs_dot_v1_dot_cluster__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgetMember(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dfs.v1.Cluster/ForgetMember',
+            dfs_dot_v1_dot_cluster__pb2.ForgetMemberRequest.SerializeToString,
+            dfs_dot_v1_dot_cluster__pb2.ForgetMemberResponse.FromString,
             options,
             channel_credentials,
             insecure,

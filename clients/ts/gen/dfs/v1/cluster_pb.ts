@@ -12,7 +12,37 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file dfs/v1/cluster.proto.
  */
 export const file_dfs_v1_cluster: GenFile = /*@__PURE__*/
-  fileDesc("ChRkZnMvdjEvY2x1c3Rlci5wcm90bxIGZGZzLnYxIg8KDVN0YXR1c1JlcXVlc3QihQEKDE1lbWJlclN0YXR1cxIPCgdub2RlX2lkGAEgASgJEg8KB2FkZHJlc3MYAiABKAkSDQoFc3RhdGUYAyABKAkSGQoRbGFzdF9zZWVuX3VuaXhfbXMYBCABKAQSEwoLY2h1bmtfY291bnQYBSABKAQSFAoMYnl0ZXNfc3RvcmVkGAYgASgEIvUBCg5TdGF0dXNSZXNwb25zZRIPCgdub2RlX2lkGAEgASgJEhQKDGdycGNfYWRkcmVzcxgCIAEoCRITCgtwMnBfYWRkcmVzcxgDIAEoCRIUCgxvYmplY3RfY291bnQYBCABKAQSEwoLY2h1bmtfY291bnQYBSABKAQSFAoMYnl0ZXNfc3RvcmVkGAYgASgEEiUKB21lbWJlcnMYByADKAsyFC5kZnMudjEuTWVtYmVyU3RhdHVzEhYKDnJlcGFpcl9iYWNrbG9nGAggASgEEhYKDnBlYWtfcnNzX2J5dGVzGAkgASgEEg8KB3ZlcnNpb24YCiABKAkyQgoHQ2x1c3RlchI3CgZTdGF0dXMSFS5kZnMudjEuU3RhdHVzUmVxdWVzdBoWLmRmcy52MS5TdGF0dXNSZXNwb25zZUIzWjFnaXRodWIuY29tL2Rmcy1zdG9yYWdlL2Rmcy9jbGllbnRzL2dvL2Rmc3YxO2Rmc3YxYgZwcm90bzM");
+  fileDesc("ChRkZnMvdjEvY2x1c3Rlci5wcm90bxIGZGZzLnYxIiYKE0ZvcmdldE1lbWJlclJlcXVlc3QSDwoHbm9kZV9pZBgBIAEoCSIWChRGb3JnZXRNZW1iZXJSZXNwb25zZSIPCg1TdGF0dXNSZXF1ZXN0IoUBCgxNZW1iZXJTdGF0dXMSDwoHbm9kZV9pZBgBIAEoCRIPCgdhZGRyZXNzGAIgASgJEg0KBXN0YXRlGAMgASgJEhkKEWxhc3Rfc2Vlbl91bml4X21zGAQgASgEEhMKC2NodW5rX2NvdW50GAUgASgEEhQKDGJ5dGVzX3N0b3JlZBgGIAEoBCLFAgoOU3RhdHVzUmVzcG9uc2USDwoHbm9kZV9pZBgBIAEoCRIUCgxncnBjX2FkZHJlc3MYAiABKAkSEwoLcDJwX2FkZHJlc3MYAyABKAkSFAoMb2JqZWN0X2NvdW50GAQgASgEEhMKC2NodW5rX2NvdW50GAUgASgEEhQKDGJ5dGVzX3N0b3JlZBgGIAEoBBIlCgdtZW1iZXJzGAcgAygLMhQuZGZzLnYxLk1lbWJlclN0YXR1cxIWCg5yZXBhaXJfYmFja2xvZxgIIAEoBBIWCg5wZWFrX3Jzc19ieXRlcxgJIAEoBBIPCgd2ZXJzaW9uGAogASgJEiIKBXNjcnViGAsgASgLMhMuZGZzLnYxLlNjcnViU3RhdHVzEhAKCHdyaXRhYmxlGAwgASgIEhgKEG5vdF9yZWFkeV9yZWFzb24YDSABKAkihQEKC1NjcnViU3RhdHVzEg4KBnBhc3NlcxgBIAEoBBIZChFjaGVja2VkX3RoaXNfcGFzcxgCIAEoBBIVCg1jaGVja2VkX3RvdGFsGAMgASgEEhUKDWNvcnJ1cHRfZm91bmQYBCABKAQSHQoVbGFzdF9wYXNzX2VuZF91bml4X21zGAUgASgEMo0BCgdDbHVzdGVyEjcKBlN0YXR1cxIVLmRmcy52MS5TdGF0dXNSZXF1ZXN0GhYuZGZzLnYxLlN0YXR1c1Jlc3BvbnNlEkkKDEZvcmdldE1lbWJlchIbLmRmcy52MS5Gb3JnZXRNZW1iZXJSZXF1ZXN0GhwuZGZzLnYxLkZvcmdldE1lbWJlclJlc3BvbnNlQjNaMWdpdGh1Yi5jb20vZGZzLXN0b3JhZ2UvZGZzL2NsaWVudHMvZ28vZGZzdjE7ZGZzdjFiBnByb3RvMw");
+
+/**
+ * @generated from message dfs.v1.ForgetMemberRequest
+ */
+export type ForgetMemberRequest = Message<"dfs.v1.ForgetMemberRequest"> & {
+  /**
+   * @generated from field: string node_id = 1;
+   */
+  nodeId: string;
+};
+
+/**
+ * Describes the message dfs.v1.ForgetMemberRequest.
+ * Use `create(ForgetMemberRequestSchema)` to create a new message.
+ */
+export const ForgetMemberRequestSchema: GenMessage<ForgetMemberRequest> = /*@__PURE__*/
+  messageDesc(file_dfs_v1_cluster, 0);
+
+/**
+ * @generated from message dfs.v1.ForgetMemberResponse
+ */
+export type ForgetMemberResponse = Message<"dfs.v1.ForgetMemberResponse"> & {
+};
+
+/**
+ * Describes the message dfs.v1.ForgetMemberResponse.
+ * Use `create(ForgetMemberResponseSchema)` to create a new message.
+ */
+export const ForgetMemberResponseSchema: GenMessage<ForgetMemberResponse> = /*@__PURE__*/
+  messageDesc(file_dfs_v1_cluster, 1);
 
 /**
  * @generated from message dfs.v1.StatusRequest
@@ -25,7 +55,7 @@ export type StatusRequest = Message<"dfs.v1.StatusRequest"> & {
  * Use `create(StatusRequestSchema)` to create a new message.
  */
 export const StatusRequestSchema: GenMessage<StatusRequest> = /*@__PURE__*/
-  messageDesc(file_dfs_v1_cluster, 0);
+  messageDesc(file_dfs_v1_cluster, 2);
 
 /**
  * @generated from message dfs.v1.MemberStatus
@@ -44,7 +74,8 @@ export type MemberStatus = Message<"dfs.v1.MemberStatus"> & {
   address: string;
 
   /**
-   * "self", "up" or "down".
+   * "self", "up", "down", or "unknown" (remembered or learned of, not yet
+   * heard from).
    *
    * @generated from field: string state = 3;
    */
@@ -73,7 +104,7 @@ export type MemberStatus = Message<"dfs.v1.MemberStatus"> & {
  * Use `create(MemberStatusSchema)` to create a new message.
  */
 export const MemberStatusSchema: GenMessage<MemberStatus> = /*@__PURE__*/
-  messageDesc(file_dfs_v1_cluster, 1);
+  messageDesc(file_dfs_v1_cluster, 3);
 
 /**
  * @generated from message dfs.v1.StatusResponse
@@ -144,6 +175,27 @@ export type StatusResponse = Message<"dfs.v1.StatusResponse"> & {
    * @generated from field: string version = 10;
    */
   version: string;
+
+  /**
+   * What the scrubber has done since the node started.
+   *
+   * @generated from field: dfs.v1.ScrubStatus scrub = 11;
+   */
+  scrub?: ScrubStatus | undefined;
+
+  /**
+   * Whether this node can accept writes now (it reaches enough members for
+   * the write rule, and its clock agrees with theirs); `not_ready_reason`
+   * says why not.
+   *
+   * @generated from field: bool writable = 12;
+   */
+  writable: boolean;
+
+  /**
+   * @generated from field: string not_ready_reason = 13;
+   */
+  notReadyReason: string;
 };
 
 /**
@@ -151,7 +203,47 @@ export type StatusResponse = Message<"dfs.v1.StatusResponse"> & {
  * Use `create(StatusResponseSchema)` to create a new message.
  */
 export const StatusResponseSchema: GenMessage<StatusResponse> = /*@__PURE__*/
-  messageDesc(file_dfs_v1_cluster, 2);
+  messageDesc(file_dfs_v1_cluster, 4);
+
+/**
+ * @generated from message dfs.v1.ScrubStatus
+ */
+export type ScrubStatus = Message<"dfs.v1.ScrubStatus"> & {
+  /**
+   * @generated from field: uint64 passes = 1;
+   */
+  passes: bigint;
+
+  /**
+   * @generated from field: uint64 checked_this_pass = 2;
+   */
+  checkedThisPass: bigint;
+
+  /**
+   * @generated from field: uint64 checked_total = 3;
+   */
+  checkedTotal: bigint;
+
+  /**
+   * Bad copies found on this node's disk (by the scrubber or by any read),
+   * quarantined and left for repair.
+   *
+   * @generated from field: uint64 corrupt_found = 4;
+   */
+  corruptFound: bigint;
+
+  /**
+   * @generated from field: uint64 last_pass_end_unix_ms = 5;
+   */
+  lastPassEndUnixMs: bigint;
+};
+
+/**
+ * Describes the message dfs.v1.ScrubStatus.
+ * Use `create(ScrubStatusSchema)` to create a new message.
+ */
+export const ScrubStatusSchema: GenMessage<ScrubStatus> = /*@__PURE__*/
+  messageDesc(file_dfs_v1_cluster, 5);
 
 /**
  * @generated from service dfs.v1.Cluster
@@ -166,6 +258,19 @@ export const Cluster: GenService<{
     methodKind: "unary";
     input: typeof StatusRequestSchema;
     output: typeof StatusResponseSchema;
+  },
+  /**
+   * Removes a dead member from the cluster for good: every node stops
+   * counting it, repair re-replicates what it held, and it is refused if it
+   * ever comes back (a node needs a fresh data dir to rejoin). A member that
+   * is up is refused (FAILED_PRECONDITION): stop it first.
+   *
+   * @generated from rpc dfs.v1.Cluster.ForgetMember
+   */
+  forgetMember: {
+    methodKind: "unary";
+    input: typeof ForgetMemberRequestSchema;
+    output: typeof ForgetMemberResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_dfs_v1_cluster, 0);
