@@ -33,6 +33,11 @@ pub struct NodeConfig {
     pub cluster_key_file: Option<PathBuf>,
     /// Peers, replication and repair.
     pub cluster: crate::cluster::ClusterConfig,
+    /// Longest chunk list stored inline in a record; longer lists are stored
+    /// and sent out of line. `index::MAX_INLINE_CHUNK_IDS` but in tests
+    /// (the hidden `--inline-chunk-ids` knob), so small uploads can take the
+    /// out-of-line path.
+    pub inline_chunk_ids: usize,
 }
 
 impl NodeConfig {
@@ -47,6 +52,7 @@ impl NodeConfig {
             buffer_budget: 32 << 20,
             cluster_key_file: None,
             cluster: crate::cluster::ClusterConfig::new("127.0.0.1:4040".into()),
+            inline_chunk_ids: crate::index::MAX_INLINE_CHUNK_IDS,
         }
     }
 
@@ -67,6 +73,13 @@ impl NodeConfig {
         }
         if self.gc_interval.is_zero() {
             return Err("gc interval must be positive".into());
+        }
+        if !(1..=crate::index::MAX_INLINE_CHUNK_IDS).contains(&self.inline_chunk_ids) {
+            return Err(format!(
+                "inline chunk ids {} is out of range: use 1 to {}",
+                self.inline_chunk_ids,
+                crate::index::MAX_INLINE_CHUNK_IDS
+            ));
         }
         Ok(())
     }

@@ -10,7 +10,7 @@ use crate::{
     p2p::{PeerHandler, PeerInfo},
     proto::{
         GetChunkReply, GetRecordReply, HasChunksReply, IndexSyncReply, IndexUpdateReply, PeerError,
-        PeerMessage, Pong, PutChunkReply, get_record, peer_message::Kind,
+        PeerMessage, Pong, PutChunkReply, RecordOutcome, get_record, peer_message::Kind,
     },
     store::StoreError,
 };
@@ -26,7 +26,7 @@ impl PeerService {
     }
 }
 
-fn reply(kind: Kind) -> (PeerMessage, Option<Bytes>) {
+pub(super) fn reply(kind: Kind) -> (PeerMessage, Option<Bytes>) {
     (
         PeerMessage {
             has_body: false,
@@ -36,7 +36,7 @@ fn reply(kind: Kind) -> (PeerMessage, Option<Bytes>) {
     )
 }
 
-fn error(code: u32, message: impl Into<String>) -> (PeerMessage, Option<Bytes>) {
+pub(super) fn error(code: u32, message: impl Into<String>) -> (PeerMessage, Option<Bytes>) {
     reply(Kind::Error(PeerError {
         code,
         message: message.into(),
@@ -141,15 +141,25 @@ impl PeerHandler for PeerService {
                 reply(Kind::HasChunksReply(HasChunksReply { present }))
             }
             Some(Kind::IndexUpdate(u)) => {
-                let applied = c.apply_records(u.records).await;
-                reply(Kind::IndexUpdateReply(IndexUpdateReply { applied }))
+                // An out-of-line chunk list is fetched from the sender.
+                let outcomes = c.apply_records(&peer.advertised_addr, u.records).await;
+                let applied = outcomes
+                    .iter()
+                    .filter(|o| **o == RecordOutcome::Applied)
+                    .count() as u32;
+                let outcomes = outcomes.into_iter().map(|o| o as i32).collect();
+                reply(Kind::IndexUpdateReply(IndexUpdateReply {
+                    applied,
+                    outcomes,
+                }))
             }
+            Some(Kind::GetChunkList(g)) => c.serve_chunk_list(g).await,
             Some(Kind::IndexSync(s)) => {
                 let index = c.index.clone();
                 let limit = (s.limit as usize).clamp(1, super::SYNC_PAGE);
                 let after = (!s.after_key.is_empty()).then_some(s.after_key);
                 let page = tokio::task::spawn_blocking(move || {
-                    index.records_after(after.as_deref(), limit)
+                    index.records_after(after.as_deref(), limit, super::records::SYNC_PAGE_BYTES)
                 })
                 .await;
                 match page {
@@ -199,6 +209,7 @@ fn kind_name(kind: &Kind) -> &'static str {
         Kind::IndexUpdateReply(_) => "IndexUpdateReply",
         Kind::IndexSyncReply(_) => "IndexSyncReply",
         Kind::GetRecordReply(_) => "GetRecordReply",
+        Kind::GetChunkListReply(_) => "GetChunkListReply",
         Kind::Error(_) => "Error",
         _ => "request",
     }

@@ -7,6 +7,7 @@
 mod handler;
 pub mod membership;
 pub mod placement;
+mod records;
 mod repair;
 mod sync;
 
@@ -20,13 +21,14 @@ use bytes::Bytes;
 use tokio::sync::watch;
 
 pub use membership::{MemberState, MemberView, Membership};
+pub use records::PushOutcome;
 
 use crate::{
     crypto::{ChunkId, IV_LEN, Keys},
     index::Index,
     p2p::{self, Identity, Limits, PeerPool},
     proto::{
-        GetChunk, GetRecord, HasChunks, IndexUpdate, ObjectRecord, PeerMessage, PutChunk,
+        GetChunk, GetRecord, HasChunks, ObjectRecord, PeerMessage, PutChunk, RecordOutcome,
         get_record, peer_message::Kind,
     },
     store::ChunkStore,
@@ -464,75 +466,63 @@ impl Cluster {
                         target: Some(target),
                     })),
                 };
-                pool.request(&peer.addr, msg, None).await
+                (pool.request(&peer.addr, msg, None).await, peer.addr)
             });
         }
         let mut applied = false;
         while let Some(done) = asks.join_next().await {
-            if let Ok(Ok(reply)) = done
+            if let Ok((Ok(reply), addr)) = done
                 && let Some(Kind::GetRecordReply(r)) = reply.msg.kind
                 && let Some(record) = r.record
             {
-                applied |= self.apply_records(vec![record]).await > 0;
+                applied |= self.accept_record(&addr, record).await == RecordOutcome::Applied;
             }
         }
         applied
     }
 
-    /// Applies records from a peer; returns how many were newer.
-    pub async fn apply_records(&self, records: Vec<ObjectRecord>) -> u32 {
-        let index = self.index.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut applied = 0;
-            for r in records {
-                // A peer's record is checked like a client's key would be.
-                if r.key.is_empty() || r.key.len() > 1024 || r.key.contains('\0') {
-                    continue;
-                }
-                match index.apply(&r) {
-                    Ok(true) => applied += 1,
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::warn!(key = %r.key, error = %e, "cannot apply a peer's record")
-                    }
-                }
-            }
-            applied
-        })
-        .await
-        .unwrap_or(0)
+    /// Applies records from the peer at `from` (newer ones win), each
+    /// checked like client input; an out-of-line chunk list is fetched from
+    /// `from`. Returns what happened to each, in order.
+    pub async fn apply_records(
+        &self,
+        from: &str,
+        records: Vec<ObjectRecord>,
+    ) -> Vec<RecordOutcome> {
+        let mut outcomes = Vec::with_capacity(records.len());
+        for r in records {
+            outcomes.push(self.accept_record(from, r).await);
+        }
+        outcomes
     }
 
     /// Pushes a freshly committed record to every live peer, waiting at
     /// most a few seconds; peers that miss it converge through index sync.
     pub async fn publish(&self, record: &ObjectRecord) {
-        let Some(pool) = self.pool() else { return };
-        let mut pushes = tokio::task::JoinSet::new();
-        for peer in self
+        if self.pool().is_none() {
+            return;
+        }
+        // The stored form once (a long list's digest is computed here).
+        let record = record.header_form(self.index.inline_limit());
+        let pushes = self
             .membership
             .peers()
             .into_iter()
             .filter(|p| p.state == MemberState::Up)
-        {
-            let pool = pool.clone();
-            let msg = PeerMessage {
-                has_body: false,
-                kind: Some(Kind::IndexUpdate(IndexUpdate {
-                    records: vec![record.clone()],
-                })),
-            };
-            pushes.spawn(async move {
-                let result = tokio::time::timeout(
-                    Duration::from_secs(5),
-                    pool.request(&peer.addr, msg, None),
-                )
-                .await;
-                if !matches!(result, Ok(Ok(_))) {
-                    tracing::debug!(peer = %peer.node_id, "index push failed; sync will catch up");
+            .map(|peer| {
+                let record = &record;
+                async move {
+                    let result = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        self.push_record(&peer.addr, record),
+                    )
+                    .await;
+                    if !matches!(result, Ok(Ok(_))) {
+                        tracing::debug!(peer = %peer.node_id, "index push failed; sync will catch up");
+                    }
                 }
             });
-        }
-        while pushes.join_next().await.is_some() {}
+        futures_util::future::join_all(pushes).await;
     }
 }
 
