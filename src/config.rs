@@ -35,6 +35,11 @@ pub struct NodeConfig {
     pub cluster: crate::cluster::ClusterConfig,
     /// How the scrubber re-verifies stored chunks.
     pub scrub: crate::chunks::ScrubConfig,
+    /// Longest chunk list stored inline in a record; longer lists are stored
+    /// and sent out of line. `index::MAX_INLINE_CHUNK_IDS` but in tests
+    /// (the hidden `--inline-chunk-ids` knob), so small uploads can take the
+    /// out-of-line path.
+    pub inline_chunk_ids: usize,
 }
 
 impl NodeConfig {
@@ -53,6 +58,7 @@ impl NodeConfig {
                 interval: Duration::from_secs(30 * 86_400),
                 rate: 32 << 20,
             },
+            inline_chunk_ids: crate::index::MAX_INLINE_CHUNK_IDS,
         }
     }
 
@@ -76,6 +82,13 @@ impl NodeConfig {
         }
         if self.scrub.interval.is_zero() || self.scrub.rate == 0 {
             return Err("scrub interval and scrub rate must be positive".into());
+        }
+        if !(1..=crate::index::MAX_INLINE_CHUNK_IDS).contains(&self.inline_chunk_ids) {
+            return Err(format!(
+                "inline chunk ids {} is out of range: use 1 to {}",
+                self.inline_chunk_ids,
+                crate::index::MAX_INLINE_CHUNK_IDS
+            ));
         }
         Ok(())
     }

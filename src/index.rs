@@ -6,27 +6,41 @@
 //! a crash, and a crash before that leaves the previous state whole.
 //!
 //! Tables:
-//! * `objects`: key -> encoded [`ObjectRecord`] (live objects and tombstones);
+//! * `objects`: key -> encoded [`ObjectRecord`] (live objects and tombstones),
+//!   at most [`MAX_RECORD_LEN`] bytes each: a chunk list longer than the
+//!   inline limit lives in `chunk_lists` instead;
 //! * `by_sha1`: raw SHA-1 -> keys of live objects with that content;
 //! * `chunk_refs`: raw chunk id -> number of live-object references, which
 //!   the garbage collector reads to find chunks nothing uses;
+//! * `chunk_lists`, `chunk_list_refs`, `chunk_list_staging`: out-of-line
+//!   chunk lists in pages (see [`chunk_lists`]);
+//! * `repair_queue`: chunks whose repair failed, with back-off;
 //! * `meta`: counters and the hybrid logical clock's high-water mark.
+
+mod apply;
+pub mod chunk_lists;
+mod record;
+mod repair_queue;
 
 use std::{
     cmp::Ordering,
     path::Path,
-    sync::Mutex,
+    sync::{Mutex, atomic::AtomicU64},
     time::{SystemTime, UNIX_EPOCH},
 };
 
 use prost::Message;
-use redb::{
-    Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, ReadableTableMetadata,
-    TableDefinition,
+use redb::{Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, TableDefinition};
+
+pub use chunk_lists::{LIST_PAGE_IDS, ListStager, StagedList};
+pub use record::{
+    LIST_DIGEST_LEN, ListDigest, MAX_CHUNK_COUNT, MAX_CONTENT_TYPE_LEN, MAX_INLINE_CHUNK_IDS,
+    MAX_KEY_LEN, MAX_METADATA_BYTES, MAX_METADATA_ENTRIES, MAX_NODE_ID_LEN, MAX_RECORD_LEN,
+    RecordError, check_description, check_key, list_digest,
 };
 
 use crate::{
-    crypto::{CHUNK_ID_LEN, ChunkId},
+    crypto::ChunkId,
     proto::{ObjectRecord, Version},
 };
 
@@ -44,6 +58,11 @@ const META_KEY_FINGERPRINT: &str = "key_fingerprint";
 /// milliseconds since the Unix epoch.
 const HLC_LOGICAL_BITS: u32 = 16;
 
+/// Most bytes of records one listing page or one sync page holds (plus one
+/// record): far below the 4 MiB gRPC and peer message limits, whatever the
+/// records hold, since one record is at most [`MAX_RECORD_LEN`].
+pub const PAGE_BYTES: usize = 1 << 20;
+
 /// Errors from the index.
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
@@ -54,6 +73,16 @@ pub enum IndexError {
         key: String,
         source: prost::DecodeError,
     },
+    /// The record breaks the record rules; nothing was stored.
+    #[error("invalid record for key {key:?}: {source}")]
+    Invalid { key: String, source: RecordError },
+    /// The record's out-of-line chunk list is not in this index (never
+    /// fetched, or removed since: the object was replaced or deleted).
+    #[error("chunk list {} is not stored here", hex::encode(.0))]
+    MissingList(ListDigest),
+    /// A chunk list being staged does not match the record's count or digest.
+    #[error("chunk list does not match its record: {0}")]
+    ListMismatch(String),
 }
 
 macro_rules! db_err {
@@ -77,22 +106,10 @@ pub fn compare_versions(a: Option<&Version>, b: Option<&Version>) -> Ordering {
     key(a).cmp(&key(b))
 }
 
-impl ObjectRecord {
-    /// The record's chunk ids, in file order.
-    pub fn chunk_id_list(&self) -> impl Iterator<Item = ChunkId> + '_ {
-        self.chunk_ids
-            .chunks_exact(CHUNK_ID_LEN)
-            .filter_map(ChunkId::from_slice)
-    }
-
-    /// Number of chunks.
-    pub fn chunk_count(&self) -> usize {
-        self.chunk_ids.len() / CHUNK_ID_LEN
-    }
-}
-
 /// What one page of a listing returned.
 pub struct ListPage {
+    /// Live records in key order, without their inline chunk ids (see
+    /// [`ObjectRecord::without_ids`]): a listing needs only the count.
     pub records: Vec<ObjectRecord>,
     /// Whether more live records follow the last one returned.
     pub more: bool,
@@ -103,11 +120,23 @@ pub struct Index {
     db: Database,
     /// Highest clock reading issued or seen; guards version monotonicity.
     hlc: Mutex<u64>,
+    /// Longest chunk list this index stores inline; longer ones go to
+    /// `chunk_lists`. [`MAX_INLINE_CHUNK_IDS`] but for tests.
+    inline_limit: usize,
+    /// Source of staging ids for chunk lists being fetched.
+    next_staging: AtomicU64,
 }
 
 impl Index {
     /// Opens or creates the index database at `path`.
     pub fn open(path: &Path) -> Result<Self, IndexError> {
+        Self::open_with_inline_limit(path, MAX_INLINE_CHUNK_IDS)
+    }
+
+    /// Like [`Index::open`], storing chunk lists longer than `inline_limit`
+    /// ids (clamped to 1..=[`MAX_INLINE_CHUNK_IDS`]) out of line. A test knob:
+    /// it lets small uploads take the out-of-line path.
+    pub fn open_with_inline_limit(path: &Path, inline_limit: usize) -> Result<Self, IndexError> {
         let db = Database::create(path)?;
         let txn = db.begin_write()?;
         let hlc = {
@@ -116,14 +145,24 @@ impl Index {
             txn.open_multimap_table(BY_SHA1)?;
             txn.open_table(CHUNK_REFS)?;
             txn.open_table(REPAIR_QUEUE)?;
+            chunk_lists::create_tables(&txn)?;
             let meta = txn.open_table(META)?;
             meta.get(META_HLC)?.map(|v| v.value()).unwrap_or(0)
         };
         txn.commit()?;
-        Ok(Self {
+        let index = Self {
             db,
             hlc: Mutex::new(hlc),
-        })
+            inline_limit: inline_limit.clamp(1, MAX_INLINE_CHUNK_IDS),
+            next_staging: AtomicU64::new(0),
+        };
+        index.bound_inline_lists()?;
+        Ok(index)
+    }
+
+    /// Longest chunk list this index keeps inline.
+    pub fn inline_limit(&self) -> usize {
+        self.inline_limit
     }
 
     /// A new version for a write originating on `node_id`: later than every
@@ -140,58 +179,6 @@ impl Index {
             hlc: next,
             node_id: node_id.to_owned(),
         }
-    }
-
-    /// Applies a record if it is newer than what the index holds for its key
-    /// (last writer wins). Returns whether it was applied. Chunk reference
-    /// counts and the SHA-1 map change in the same transaction.
-    pub fn apply(&self, record: &ObjectRecord) -> Result<bool, IndexError> {
-        let txn = self.db.begin_write()?;
-        {
-            let mut objects = txn.open_table(OBJECTS)?;
-            let old = match objects.get(record.key.as_str())? {
-                Some(bytes) => Some(decode(&record.key, bytes.value())?),
-                None => None,
-            };
-            if let Some(old) = &old
-                && compare_versions(record.version.as_ref(), old.version.as_ref())
-                    != Ordering::Greater
-            {
-                return Ok(false);
-            }
-            let mut by_sha1 = txn.open_multimap_table(BY_SHA1)?;
-            let mut refs = txn.open_table(CHUNK_REFS)?;
-            let mut meta = txn.open_table(META)?;
-            let mut live = meta.get(META_LIVE)?.map(|v| v.value()).unwrap_or(0);
-            if let Some(old) = old.as_ref().filter(|o| !o.deleted) {
-                by_sha1.remove(old.sha1.as_ref(), old.key.as_str())?;
-                for id in old.chunk_id_list() {
-                    let n = refs.get(id.0.as_slice())?.map(|v| v.value()).unwrap_or(0);
-                    if n <= 1 {
-                        refs.remove(id.0.as_slice())?;
-                    } else {
-                        refs.insert(id.0.as_slice(), n - 1)?;
-                    }
-                }
-                live = live.saturating_sub(1);
-            }
-            if !record.deleted {
-                by_sha1.insert(record.sha1.as_ref(), record.key.as_str())?;
-                for id in record.chunk_id_list() {
-                    let n = refs.get(id.0.as_slice())?.map(|v| v.value()).unwrap_or(0);
-                    refs.insert(id.0.as_slice(), n + 1)?;
-                }
-                live += 1;
-            }
-            objects.insert(record.key.as_str(), record.encode_to_vec().as_slice())?;
-            meta.insert(META_LIVE, live)?;
-            let hlc = record.version.as_ref().map(|v| v.hlc).unwrap_or(0);
-            let mut last = self.hlc.lock().unwrap_or_else(|p| p.into_inner());
-            *last = (*last).max(hlc);
-            meta.insert(META_HLC, *last)?;
-        }
-        txn.commit()?;
-        Ok(true)
     }
 
     /// The record for `key`, tombstones included.
@@ -224,7 +211,10 @@ impl Index {
     }
 
     /// Live objects whose key starts with `prefix`, in key order, starting
-    /// after `after` (exclusive), at most `limit` of them.
+    /// after `after` (exclusive): at most `limit` of them, and no more than
+    /// [`PAGE_BYTES`] of records (always at least one), so a page fits any
+    /// message limit whatever the records hold. Returned without their
+    /// inline chunk ids.
     pub fn list(
         &self,
         prefix: &str,
@@ -238,6 +228,7 @@ impl Index {
             _ => prefix,
         };
         let mut records = Vec::new();
+        let mut bytes = 0;
         let mut more = false;
         for entry in objects.range(start..)? {
             let (k, v) = entry?;
@@ -252,25 +243,34 @@ impl Index {
             if record.deleted {
                 continue;
             }
-            if records.len() == limit {
+            let record = record.without_ids();
+            let len = record.encoded_len();
+            if records.len() == limit || (!records.is_empty() && bytes + len > PAGE_BYTES) {
                 more = true;
                 break;
             }
+            bytes += len;
             records.push(record);
         }
         Ok(ListPage { records, more })
     }
 
-    /// Every record (tombstones included) in key order after `after`, at most
-    /// `limit`: what a peer pulls to reconcile its index with this one.
+    /// Every record (tombstones included) in key order after `after`: what
+    /// a peer pulls to reconcile its index with this one. At most `limit`
+    /// records and no more than `max_bytes` of them (always at least one).
+    /// Records are in their stored form (long chunk lists out of line); one
+    /// that breaks the record rules (stored before a cap existed) is left
+    /// out, since every peer would refuse it. Returns whether more follow.
     pub fn records_after(
         &self,
         after: Option<&str>,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<(Vec<ObjectRecord>, bool), IndexError> {
         let txn = self.db.begin_read()?;
         let objects = txn.open_table(OBJECTS)?;
         let mut out = Vec::new();
+        let mut bytes = 0;
         let range = match after {
             Some(a) => {
                 objects.range::<&str>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))?
@@ -279,10 +279,17 @@ impl Index {
         };
         for entry in range {
             let (k, v) = entry?;
-            if out.len() == limit {
+            let len = v.value().len();
+            if out.len() == limit || (!out.is_empty() && bytes + len > max_bytes) {
                 return Ok((out, true));
             }
-            out.push(decode(k.value(), v.value())?);
+            let record = decode(k.value(), v.value())?;
+            if let Err(e) = record.validate() {
+                tracing::debug!(key = %record.key, error = %e, "not offering a record that breaks the rules");
+                continue;
+            }
+            bytes += len;
+            out.push(record);
         }
         Ok((out, false))
     }
@@ -311,66 +318,6 @@ impl Index {
             }
         }
         Ok(out)
-    }
-
-    /// Puts a chunk on the persistent repair queue, to be retried at
-    /// `next_try_ms`; returns the number of attempts so far.
-    pub fn queue_repair(
-        &self,
-        id: &ChunkId,
-        backoff: impl Fn(u32) -> u64,
-    ) -> Result<u32, IndexError> {
-        let txn = self.db.begin_write()?;
-        let attempts;
-        {
-            let mut queue = txn.open_table(REPAIR_QUEUE)?;
-            let prev = queue
-                .get(id.0.as_slice())?
-                .map(|v| v.value().0)
-                .unwrap_or(0);
-            attempts = prev + 1;
-            queue.insert(id.0.as_slice(), (attempts, backoff(attempts)))?;
-        }
-        txn.commit()?;
-        Ok(attempts)
-    }
-
-    /// Chunks on the repair queue whose next try is due, at most `limit`.
-    pub fn due_repairs(&self, now_ms: u64, limit: usize) -> Result<Vec<ChunkId>, IndexError> {
-        let txn = self.db.begin_read()?;
-        let queue = txn.open_table(REPAIR_QUEUE)?;
-        let mut out = Vec::new();
-        for entry in queue.iter()? {
-            let (k, v) = entry?;
-            if v.value().1 <= now_ms
-                && let Some(id) = ChunkId::from_slice(k.value())
-            {
-                out.push(id);
-                if out.len() == limit {
-                    break;
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// Removes a chunk from the repair queue (repaired, or no longer needed).
-    pub fn repair_done(&self, ids: &[ChunkId]) -> Result<(), IndexError> {
-        let txn = self.db.begin_write()?;
-        {
-            let mut queue = txn.open_table(REPAIR_QUEUE)?;
-            for id in ids {
-                queue.remove(id.0.as_slice())?;
-            }
-        }
-        txn.commit()?;
-        Ok(())
-    }
-
-    /// Number of chunks waiting on the repair queue.
-    pub fn repair_queue_len(&self) -> Result<u64, IndexError> {
-        let txn = self.db.begin_read()?;
-        Ok(txn.open_table(REPAIR_QUEUE)?.len()?)
     }
 
     /// How many live objects reference the chunk.
@@ -412,165 +359,4 @@ fn decode(key: &str, bytes: &[u8]) -> Result<ObjectRecord, IndexError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn record(key: &str, hlc: u64, node: &str, chunks: &[u8], deleted: bool) -> ObjectRecord {
-        ObjectRecord {
-            key: key.into(),
-            size: chunks.len() as u64,
-            sha1: vec![hlc as u8; 20].into(),
-            chunk_size: 1,
-            chunk_ids: chunks
-                .iter()
-                .flat_map(|b| [*b; 20])
-                .collect::<Vec<u8>>()
-                .into(),
-            version: Some(Version {
-                hlc,
-                node_id: node.into(),
-            }),
-            deleted,
-            ..Default::default()
-        }
-    }
-
-    fn open() -> (tempfile::TempDir, Index) {
-        let dir = tempfile::tempdir().unwrap();
-        let index = Index::open(&dir.path().join("index.redb")).unwrap();
-        (dir, index)
-    }
-
-    #[test]
-    fn last_writer_wins_by_clock_then_node_id() {
-        let (_d, index) = open();
-        assert!(index.apply(&record("k", 10, "a", &[1], false)).unwrap());
-        assert!(
-            !index.apply(&record("k", 9, "z", &[2], false)).unwrap(),
-            "older loses"
-        );
-        assert!(
-            !index.apply(&record("k", 10, "a", &[2], false)).unwrap(),
-            "equal is a no-op"
-        );
-        assert!(
-            index.apply(&record("k", 10, "b", &[3], false)).unwrap(),
-            "tie: larger id wins"
-        );
-        let got = index.get_live("k").unwrap().unwrap();
-        assert_eq!(got.chunk_id_list().next().unwrap().0, [3; 20]);
-        assert_eq!(index.chunk_refs(&ChunkId([1; 20])).unwrap(), 0);
-        assert_eq!(index.chunk_refs(&ChunkId([3; 20])).unwrap(), 1);
-        assert_eq!(index.live_objects().unwrap(), 1);
-    }
-
-    #[test]
-    fn tombstones_hide_objects_free_refs_and_lose_to_newer_writes() {
-        let (_d, index) = open();
-        index
-            .apply(&record("k", 10, "a", &[1, 1, 2], false))
-            .unwrap();
-        assert_eq!(index.chunk_refs(&ChunkId([1; 20])).unwrap(), 2);
-        assert!(index.get_by_sha1(&[10; 20]).unwrap().is_some());
-        assert!(index.apply(&record("k", 11, "a", &[], true)).unwrap());
-        assert!(index.get_live("k").unwrap().is_none());
-        assert!(
-            index.get("k").unwrap().unwrap().deleted,
-            "tombstone is kept"
-        );
-        assert!(index.get_by_sha1(&[10; 20]).unwrap().is_none());
-        assert_eq!(index.chunk_refs(&ChunkId([1; 20])).unwrap(), 0);
-        assert_eq!(index.live_objects().unwrap(), 0);
-        // A write older than the tombstone stays deleted; a newer one revives.
-        assert!(!index.apply(&record("k", 5, "a", &[4], false)).unwrap());
-        assert!(index.apply(&record("k", 12, "a", &[4], false)).unwrap());
-        assert_eq!(index.live_objects().unwrap(), 1);
-    }
-
-    #[test]
-    fn shared_chunks_are_counted_per_object() {
-        let (_d, index) = open();
-        index.apply(&record("a", 1, "n", &[7], false)).unwrap();
-        index.apply(&record("b", 2, "n", &[7], false)).unwrap();
-        assert_eq!(index.chunk_refs(&ChunkId([7; 20])).unwrap(), 2);
-        index.apply(&record("a", 3, "n", &[], true)).unwrap();
-        assert_eq!(index.chunk_refs(&ChunkId([7; 20])).unwrap(), 1);
-    }
-
-    #[test]
-    fn list_pages_by_prefix_and_skips_tombstones() {
-        let (_d, index) = open();
-        for (i, k) in ["a/1", "a/2", "a/3", "b/1", "a/0"].iter().enumerate() {
-            index
-                .apply(&record(k, i as u64 + 1, "n", &[], false))
-                .unwrap();
-        }
-        index.apply(&record("a/2", 99, "n", &[], true)).unwrap();
-        let page = index.list("a/", None, 2).unwrap();
-        let keys: Vec<_> = page.records.iter().map(|r| r.key.as_str()).collect();
-        assert_eq!(keys, ["a/0", "a/1"]);
-        assert!(page.more);
-        let page = index.list("a/", Some("a/1"), 2).unwrap();
-        let keys: Vec<_> = page.records.iter().map(|r| r.key.as_str()).collect();
-        assert_eq!(keys, ["a/3"]);
-        assert!(!page.more);
-        assert_eq!(index.list("", None, 10).unwrap().records.len(), 4);
-    }
-
-    #[test]
-    fn sync_pages_include_tombstones_and_refs_list_live_chunks() {
-        let (_d, index) = open();
-        index.apply(&record("a", 1, "n", &[1], false)).unwrap();
-        index.apply(&record("b", 2, "n", &[2], false)).unwrap();
-        index.apply(&record("b", 3, "n", &[], true)).unwrap();
-        index.apply(&record("c", 4, "n", &[3], false)).unwrap();
-        let (page, more) = index.records_after(None, 2).unwrap();
-        assert_eq!(
-            page.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(),
-            ["a", "b"]
-        );
-        assert!(more && page[1].deleted);
-        let (page, more) = index.records_after(Some("b"), 2).unwrap();
-        assert_eq!(page.len(), 1);
-        assert!(!more);
-        let refs = index.referenced_chunks(None, 10).unwrap();
-        assert_eq!(refs, vec![ChunkId([1; 20]), ChunkId([3; 20])]);
-        assert_eq!(
-            index
-                .referenced_chunks(Some(&ChunkId([1; 20])), 10)
-                .unwrap(),
-            vec![ChunkId([3; 20])]
-        );
-    }
-
-    #[test]
-    fn repair_queue_persists_attempts_and_due_times() {
-        let (_d, index) = open();
-        let id = ChunkId([9; 20]);
-        assert_eq!(index.queue_repair(&id, |_| 100).unwrap(), 1);
-        assert_eq!(index.queue_repair(&id, |n| 100 * n as u64).unwrap(), 2);
-        assert!(index.due_repairs(199, 10).unwrap().is_empty());
-        assert_eq!(index.due_repairs(200, 10).unwrap(), vec![id]);
-        assert_eq!(index.repair_queue_len().unwrap(), 1);
-        index.repair_done(&[id]).unwrap();
-        assert_eq!(index.repair_queue_len().unwrap(), 0);
-    }
-
-    #[test]
-    fn versions_are_monotonic_and_survive_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("index.redb");
-        let far_future = u64::MAX >> 2;
-        {
-            let index = Index::open(&path).unwrap();
-            let a = index.next_version("n");
-            let b = index.next_version("n");
-            assert!(b.hlc > a.hlc);
-            index
-                .apply(&record("k", far_future, "n", &[], false))
-                .unwrap();
-        }
-        let index = Index::open(&path).unwrap();
-        assert!(index.next_version("n").hlc > far_future);
-    }
-}
+mod tests;

@@ -104,6 +104,11 @@ pub struct NodeArgs {
     /// How long in-flight requests may run after SIGTERM
     #[arg(long, env = "DFS_SHUTDOWN_GRACE", default_value = "30s", value_parser = duration_arg)]
     pub shutdown_grace: Duration,
+    /// Test knob, hidden: chunk lists longer than this many ids are stored
+    /// out of line (default and maximum 4096), so tests exercise that path
+    /// with uploads of a few MiB.
+    #[arg(long, env = "DFS_INLINE_CHUNK_IDS", hide = true, default_value_t = crate::index::MAX_INLINE_CHUNK_IDS)]
+    pub inline_chunk_ids: usize,
 }
 
 /// The Prometheus endpoint's flags.
@@ -138,6 +143,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     cfg.capacity = args.capacity;
     cfg.buffer_budget = usize::try_from(args.buffer_budget).unwrap_or(usize::MAX);
     cfg.cluster_key_file = args.cluster_key_file.clone();
+    cfg.inline_chunk_ids = args.inline_chunk_ids;
     cfg.cluster.listen_addr = args.p2p_addr.clone();
     cfg.cluster.advertise_addr = args.advertise_addr.clone();
     cfg.cluster.peers = args

@@ -7,7 +7,7 @@ use std::{sync::Arc, time::Duration};
 
 use super::{Cluster, ClusterError, MemberState};
 use crate::proto::{
-    GetRecord, IndexUpdate, ObjectRecord, PeerMessage, get_record, peer_message::Kind,
+    GetRecord, ObjectRecord, PeerMessage, RecordOutcome, get_record, peer_message::Kind,
 };
 
 /// Bits of a version's hybrid clock that count milliseconds (the low 16 are
@@ -52,7 +52,7 @@ impl Cluster {
             tokio::spawn(async move {
                 let pushed = tokio::time::timeout(
                     COMMIT_TIMEOUT,
-                    this.push_record(&peer.node_id, &peer.addr, record),
+                    this.push_record(&peer.node_id, &peer.addr, &record),
                 )
                 .await
                 .unwrap_or_else(|_| Err(ClusterError::Unreachable("timed out".into())));
@@ -65,8 +65,7 @@ impl Cluster {
                 break;
             };
             match pushed {
-                Ok(true) => durable += 1,
-                Ok(false) => reasons.push(format!("{member}: refused the record")),
+                Ok(_) => durable += 1,
                 Err(e) => reasons.push(format!("{member}: {e}")),
             }
         }
@@ -83,42 +82,6 @@ impl Cluster {
                 reasons.join("; ")
             },
         })
-    }
-
-    /// Sends one record to `member`; true when it reports holding this
-    /// version or a newer one durably.
-    async fn push_record(
-        &self,
-        member: &str,
-        addr: &str,
-        record: ObjectRecord,
-    ) -> Result<bool, ClusterError> {
-        let pool = self
-            .pool()
-            .ok_or_else(|| ClusterError::Internal("not started".into()))?;
-        let msg = PeerMessage {
-            has_body: false,
-            kind: Some(Kind::IndexUpdate(IndexUpdate {
-                records: vec![record],
-            })),
-        };
-        let reply = pool
-            .request(addr, msg, None)
-            .await
-            .map_err(|e| ClusterError::Unreachable(e.to_string()))?;
-        if reply.peer.node_id != member {
-            return Err(ClusterError::WrongNode {
-                member: member.to_owned(),
-                answered: reply.peer.node_id,
-            });
-        }
-        match reply.msg.kind {
-            Some(Kind::IndexUpdateReply(r)) => Ok(r.durable.first().copied().unwrap_or(false)),
-            Some(Kind::Error(e)) => Err(ClusterError::Internal(e.message)),
-            _ => Err(ClusterError::Internal(
-                "unexpected reply to IndexUpdate".into(),
-            )),
-        }
     }
 
     /// Asks live peers for a record this node does not have (a key or a
@@ -143,59 +106,40 @@ impl Cluster {
                         target: Some(target),
                     })),
                 };
-                pool.request(&peer.addr, msg, None).await
+                (pool.request(&peer.addr, msg, None).await, peer.addr)
             });
         }
         let mut applied = false;
         while let Some(done) = asks.join_next().await {
-            if let Ok(Ok(reply)) = done
+            if let Ok((Ok(reply), addr)) = done
                 && let Some(Kind::GetRecordReply(r)) = reply.msg.kind
                 && let Some(record) = r.record
             {
-                applied |= self.apply_records(vec![record]).await.0 > 0;
+                applied |= self.accept_record(&addr, record).await == RecordOutcome::Applied;
             }
         }
         applied
     }
 
-    /// Applies records from a peer (last writer wins). Returns how many were
-    /// newer, and for each record whether this node now durably holds it or
-    /// a newer version of its key (false: refused).
-    pub async fn apply_records(&self, records: Vec<ObjectRecord>) -> (u32, Vec<bool>) {
-        let index = self.index.clone();
-        let horizon = self.version_horizon();
-        tokio::task::spawn_blocking(move || {
-            let mut applied = 0;
-            let mut durable = Vec::with_capacity(records.len());
-            for r in records {
-                if let Err(why) = check_peer_record(&r, horizon) {
-                    tracing::warn!(key = %r.key, reason = %why, "refused a peer's record");
-                    durable.push(false);
-                    continue;
-                }
-                match index.apply(&r) {
-                    Ok(true) => {
-                        applied += 1;
-                        durable.push(true);
-                    }
-                    // Not newer: this node holds this version or a newer one.
-                    Ok(false) => durable.push(true),
-                    Err(e) => {
-                        tracing::warn!(key = %r.key, error = %e, "cannot apply a peer's record");
-                        durable.push(false);
-                    }
-                }
-            }
-            (applied, durable)
-        })
-        .await
-        .unwrap_or_default()
+    /// Applies records from the peer at `from` (newer ones win), each
+    /// checked like client input; an out-of-line chunk list is fetched from
+    /// `from`. Returns what happened to each, in order.
+    pub async fn apply_records(
+        &self,
+        from: &str,
+        records: Vec<ObjectRecord>,
+    ) -> Vec<RecordOutcome> {
+        let mut outcomes = Vec::with_capacity(records.len());
+        for r in records {
+            outcomes.push(self.accept_record(from, r).await);
+        }
+        outcomes
     }
 
     /// The newest version clock this node accepts: its own clock plus the
     /// allowed skew. A record stamped later would win every future write
     /// until the clocks caught up (and one at `u64::MAX` forever).
-    fn version_horizon(&self) -> u64 {
+    pub(super) fn version_horizon(&self) -> u64 {
         let ms = crate::units::unix_ms().saturating_add(self.cfg.max_clock_skew.as_millis() as u64);
         ms.saturating_mul(1 << HLC_MS_SHIFT) | ((1 << HLC_MS_SHIFT) - 1)
     }
@@ -232,24 +176,15 @@ impl Cluster {
     }
 }
 
-/// Checks what a peer's record must satisfy beyond its structure: a version,
-/// and not stamped beyond `horizon`.
-fn check_peer_record(r: &ObjectRecord, horizon: u64) -> Result<(), String> {
-    if r.key.is_empty() || r.key.len() > crate::node::MAX_KEY_LEN || r.key.contains('\0') {
-        return Err("bad key".into());
-    }
-    let Some(v) = &r.version else {
-        return Err("no version".into());
-    };
-    if v.hlc > horizon {
-        return Err(format!(
-            "version clock {} is further ahead of this node's clock than the allowed skew",
+/// Refuses a record stamped beyond `horizon` (this node's clock plus the
+/// allowed skew): it would win every later write until the clocks caught up,
+/// and one at `u64::MAX` forever.
+pub(super) fn check_clock(r: &ObjectRecord, horizon: u64) -> Result<(), String> {
+    match &r.version {
+        Some(v) if v.hlc > horizon => Err(format!(
+            "version clock {} ms is further ahead of this node's clock than the allowed skew",
             v.hlc >> HLC_MS_SHIFT
-        ));
+        )),
+        _ => Ok(()),
     }
-    // Versions order by clock, then origin node: the origin must be named.
-    if v.node_id.is_empty() {
-        return Err("version has no origin node".into());
-    }
-    Ok(())
 }

@@ -14,7 +14,7 @@ use crate::{
     p2p::{PeerHandler, PeerInfo},
     proto::{
         GetChunkReply, GetRecordReply, HasChunksReply, IndexSyncReply, IndexUpdateReply, Lease,
-        PeerError, PeerMessage, Pong, PutChunkReply, RenewLeasesReply, get_record,
+        PeerError, PeerMessage, Pong, PutChunkReply, RecordOutcome, RenewLeasesReply, get_record,
         peer_message::Kind,
     },
 };
@@ -30,7 +30,7 @@ impl PeerService {
     }
 }
 
-fn reply(kind: Kind) -> (PeerMessage, Option<Bytes>) {
+pub(super) fn reply(kind: Kind) -> (PeerMessage, Option<Bytes>) {
     (
         PeerMessage {
             has_body: false,
@@ -40,7 +40,7 @@ fn reply(kind: Kind) -> (PeerMessage, Option<Bytes>) {
     )
 }
 
-fn error(code: u32, message: impl Into<String>) -> (PeerMessage, Option<Bytes>) {
+pub(super) fn error(code: u32, message: impl Into<String>) -> (PeerMessage, Option<Bytes>) {
     reply(Kind::Error(PeerError {
         code,
         message: message.into(),
@@ -162,18 +162,25 @@ impl PeerHandler for PeerService {
                 reply(Kind::HasChunksReply(HasChunksReply { present }))
             }
             Some(Kind::IndexUpdate(u)) => {
-                let (applied, durable) = c.apply_records(u.records).await;
+                // An out-of-line chunk list is fetched from the sender.
+                let outcomes = c.apply_records(&peer.advertised_addr, u.records).await;
+                let applied = outcomes
+                    .iter()
+                    .filter(|o| **o == RecordOutcome::Applied)
+                    .count() as u32;
+                let outcomes = outcomes.into_iter().map(|o| o as i32).collect();
                 reply(Kind::IndexUpdateReply(IndexUpdateReply {
                     applied,
-                    durable,
+                    outcomes,
                 }))
             }
+            Some(Kind::GetChunkList(g)) => c.serve_chunk_list(g).await,
             Some(Kind::IndexSync(s)) => {
                 let index = c.index.clone();
                 let limit = (s.limit as usize).clamp(1, super::SYNC_PAGE);
                 let after = (!s.after_key.is_empty()).then_some(s.after_key);
                 let page = tokio::task::spawn_blocking(move || {
-                    index.records_after(after.as_deref(), limit)
+                    index.records_after(after.as_deref(), limit, super::records::SYNC_PAGE_BYTES)
                 })
                 .await;
                 match page {
@@ -223,6 +230,7 @@ fn kind_name(kind: &Kind) -> &'static str {
         Kind::IndexUpdateReply(_) => "IndexUpdateReply",
         Kind::IndexSyncReply(_) => "IndexSyncReply",
         Kind::GetRecordReply(_) => "GetRecordReply",
+        Kind::GetChunkListReply(_) => "GetChunkListReply",
         Kind::Error(_) => "Error",
         _ => "request",
     }

@@ -9,6 +9,7 @@ mod handler;
 pub mod lease;
 pub mod membership;
 pub mod placement;
+mod records;
 mod repair;
 mod sync;
 
@@ -23,6 +24,7 @@ use tokio::sync::watch;
 
 pub use lease::UploadLease;
 pub use membership::{MemberState, MemberView, Membership};
+pub use records::PushOutcome;
 pub use sync::ForgetError;
 
 use crate::{

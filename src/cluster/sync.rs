@@ -10,7 +10,7 @@ use super::{
 };
 use crate::{
     p2p::{HandshakeError, P2pError},
-    proto::{IndexSync, Member, PeerMessage, Ping, peer_message::Kind},
+    proto::{IndexSync, Member, PeerMessage, Ping, RecordOutcome, peer_message::Kind},
 };
 
 /// Waits for `d`, or returns false at once if shutdown was signalled.
@@ -280,7 +280,12 @@ impl Cluster {
             let Some(last) = page.records.last().map(|r| r.key.clone()) else {
                 return Ok(applied);
             };
-            applied += self.apply_records(page.records).await.0;
+            applied += self
+                .apply_records(addr, page.records)
+                .await
+                .iter()
+                .filter(|o| **o == RecordOutcome::Applied)
+                .count() as u32;
             if !page.more || last <= after {
                 return Ok(applied);
             }

@@ -120,7 +120,7 @@ impl Node {
         range: ByteRange,
         tx: mpsc::Sender<Result<Bytes, NodeError>>,
     ) {
-        let ids: Vec<ChunkId> = record.chunk_id_list().collect();
+        let mut ids = super::chunk_ids::ChunkIdPages::new(self.index.clone(), record.clone());
         let max_len = record.chunk_size as usize + IV_LEN;
         let mut window: VecDeque<(ChunkId, usize, usize, AbortOnDrop)> = VecDeque::new();
         let mut span = chunk_span(record.chunk_size.max(1) as u64, range);
@@ -129,15 +129,12 @@ impl Node {
                 let Some((i, from, to)) = span.next() else {
                     break;
                 };
-                let Some(id) = ids.get(i).copied() else {
-                    let _ = tx
-                        .send(Err(NodeError::DataLoss(format!(
-                            "record for {:?} lists {} chunks but needs chunk {i}",
-                            record.key,
-                            ids.len()
-                        ))))
-                        .await;
-                    return;
+                let id = match ids.get(i as u64).await {
+                    Ok(id) => id,
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
                 };
                 let permit = self.budget.acquire(max_len).await;
                 let node = self.clone();

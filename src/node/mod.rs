@@ -6,6 +6,7 @@
 //! size of transfers change how long they wait, never how much memory the
 //! node uses.
 
+mod chunk_ids;
 mod data_dir;
 mod download;
 mod gc;
@@ -31,7 +32,7 @@ use crate::{
 };
 
 /// Longest key, in bytes of UTF-8.
-pub const MAX_KEY_LEN: usize = 1024;
+pub use crate::index::MAX_KEY_LEN;
 
 /// Why an operation failed, in terms a client can act on. The gRPC layer
 /// maps each kind to one status code.
@@ -174,7 +175,10 @@ impl Node {
         let id = load_or_create_node_id(dir)?;
         let secret = load_or_create_secret(&cfg)?;
         let store = Arc::new(ChunkStore::open(dir, cfg.capacity)?);
-        let index = Arc::new(Index::open(&dir.join("index.redb"))?);
+        let index = Arc::new(Index::open_with_inline_limit(
+            &dir.join("index.redb"),
+            cfg.inline_chunk_ids,
+        )?);
         let keys = Keys::derive(&secret);
         if let Some(stored) = index.check_key_fingerprint(keys.fingerprint())? {
             return Err(NodeError::InvalidArgument(format!(
@@ -321,21 +325,7 @@ pub fn object_info(record: &ObjectRecord) -> ObjectInfo {
 
 /// Checks a key: 1..=1024 bytes of UTF-8 (guaranteed by the type), no NUL.
 pub fn validate_key(key: &str) -> Result<(), NodeError> {
-    if key.is_empty() {
-        return Err(NodeError::InvalidArgument("key must not be empty".into()));
-    }
-    if key.len() > MAX_KEY_LEN {
-        return Err(NodeError::InvalidArgument(format!(
-            "key is {} bytes, longer than the limit of {MAX_KEY_LEN}",
-            key.len()
-        )));
-    }
-    if key.contains('\0') {
-        return Err(NodeError::InvalidArgument(
-            "key must not contain NUL characters".into(),
-        ));
-    }
-    Ok(())
+    crate::index::check_key(key).map_err(|e| NodeError::InvalidArgument(e.to_string()))
 }
 
 /// Parses a whole-file SHA-1 written as 40 hex characters.

@@ -71,6 +71,8 @@ impl Node {
         S: Stream<Item = Result<Bytes, NodeError>> + Unpin,
     {
         validate_key(&meta.key)?;
+        crate::index::check_description(&meta.content_type, &meta.metadata)
+            .map_err(|e| NodeError::InvalidArgument(e.to_string()))?;
         let expected = match meta.expected_sha1.as_str() {
             "" => None,
             hex => Some(parse_sha1(hex)?),
@@ -123,6 +125,7 @@ impl Node {
             created_unix_ms: now_ms(),
             version: Some(self.index.next_version(&self.id)),
             deleted: false,
+            ..Default::default()
         };
         self.cluster.commit_record(record.clone()).await?;
         Ok(record)
