@@ -190,3 +190,36 @@ async fn a_node_whose_clock_runs_an_hour_ahead_cannot_delete_an_acknowledged_obj
         assert!(converged, "node {i} does not serve the acknowledged upload");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_holder_replaced_during_a_paused_upload_has_its_chunks_written_again() {
+    let (mut c, _addrs) = TestCluster::start_fixed(3, 2, FAST_GC).await;
+    let data = pseudo_random(782, 24 * CHUNK + 9);
+    let upload = OpenUpload::start(&c.nodes[0], "survivor").await;
+    assert!(upload.send(&data[..16 * CHUNK]).await);
+    // The first 15 chunks are written (the 16th may wait for more data).
+    let written = wait_until(Duration::from_secs(20), || {
+        c.copies(&data[..15 * CHUNK]).iter().all(|n| *n == 2)
+    })
+    .await;
+    assert!(written, "{:?}", c.copies(&data[..15 * CHUNK]));
+    // Node 1 loses its disk mid-upload and comes back empty on the same
+    // address: the copies it acknowledged are gone.
+    c.nodes[1].kill9();
+    std::fs::remove_dir_all(c.nodes[1].data_dir()).unwrap();
+    c.nodes[1].launch().await;
+    c.wait_members_up(3).await;
+    // Give the lease a renewal or two to meet the new node.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(upload.send(&data[16 * CHUNK..]).await);
+    upload.finish().await.expect("the upload succeeds");
+    let copies = c.copies(&data);
+    assert!(
+        copies.iter().all(|n| *n >= 2),
+        "acknowledged with W=2, yet copies per chunk are {copies:?}"
+    );
+    assert!(
+        c.nodes[0].log().contains("lost copies while it ran"),
+        "the gateway re-checked the replaced holder and wrote the lost chunks again"
+    );
+}

@@ -9,43 +9,9 @@ use std::time::Duration;
 
 use common::*;
 
-/// Starts `n` nodes at R=3 whose peer ports are fixed, so a node can come
-/// back on the same address.
-async fn fixed_address_cluster(n: usize, extra: &[&str]) -> (TestCluster, Vec<String>) {
-    let key_dir = tempfile::tempdir().unwrap();
-    let key_file = write_key_file(&key_dir.path().join("cluster.key"), 7);
-    let addrs: Vec<String> = (0..n)
-        .map(|_| format!("127.0.0.1:{}", free_port()))
-        .collect();
-    let mut nodes = Vec::new();
-    for (i, addr) in addrs.iter().enumerate() {
-        let mut args: Vec<&str> = vec![
-            "--cluster-key-file",
-            key_file.to_str().unwrap(),
-            "--replicas",
-            "3",
-            "--p2p-addr",
-            addr,
-            "--repair-interval",
-            "1s",
-            "--sync-interval",
-            "2s",
-        ];
-        args.extend_from_slice(extra);
-        if i > 0 {
-            args.extend_from_slice(&["--peer", &addrs[0]]);
-        }
-        nodes.push(TestNode::start(&args).await);
-    }
-    let mut c = TestCluster::from_nodes(nodes);
-    c.adopt_key_dir(key_dir, key_file);
-    c.wait_members_up(n).await;
-    (c, addrs)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_replaced_on_the_same_address_is_never_counted_twice() {
-    let (mut c, _addrs) = fixed_address_cluster(3, &["--dead-after", "6s"]).await;
+    let (mut c, _addrs) = TestCluster::start_fixed(3, 3, &["--dead-after", "6s"]).await;
     let old_b = c.nodes[1].status().await.node_id;
     // B loses its disk and comes back, empty, on the same peer address.
     c.nodes[1].kill9();
@@ -88,7 +54,7 @@ async fn a_node_replaced_on_the_same_address_is_never_counted_twice() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn remembered_members_are_unknown_until_heard_from() {
-    let (mut c, addrs) = fixed_address_cluster(3, &["--dead-after", "30s"]).await;
+    let (mut c, addrs) = TestCluster::start_fixed(3, 3, &["--dead-after", "30s"]).await;
     let dead_id = c.nodes[2].status().await.node_id;
     c.nodes[2].kill9();
     c.nodes[0].kill9();
@@ -107,7 +73,7 @@ async fn remembered_members_are_unknown_until_heard_from() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn members_lists_and_forget_removes_a_dead_node_for_good() {
-    let (mut c, _addrs) = fixed_address_cluster(3, &["--dead-after", "2s"]).await;
+    let (mut c, _addrs) = TestCluster::start_fixed(3, 3, &["--dead-after", "2s"]).await;
     let data = pseudo_random(901, 12 * CHUNK);
     put(&c.nodes[0], "obj", &data).await;
     let victim = c.nodes[2].status().await.node_id;

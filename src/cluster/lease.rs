@@ -21,6 +21,27 @@ use crate::{
 /// Chunk ids per verifying HasChunks: each one reads a chunk on the holder.
 const CONFIRM_BATCH: usize = 256;
 
+/// Which of an upload's holders took one chunk, kept per chunk while the
+/// upload runs (16 bytes each): bit `i` is the lease's holder `i`; holders
+/// from the 64th on share the last bit (an upload that touches more nodes
+/// re-checks their chunks a little more often than needed, never less).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Copies {
+    mask: u64,
+    count: u8,
+}
+
+impl Copies {
+    /// Good copies counted for the chunk.
+    pub fn count(&self) -> usize {
+        self.count as usize
+    }
+}
+
+fn bit(index: usize) -> u64 {
+    1 << index.min(63)
+}
+
 /// An upload's lease, held from its first chunk to its commit. Dropping it
 /// stops the renewals and releases the lease on this node; the holders'
 /// copies of it expire within one lease period.
@@ -48,19 +69,23 @@ impl UploadLease {
     }
 
     /// Notes that `member` is about to receive a copy; returns its index.
-    pub fn add_holder(&self, member: &str) -> u16 {
+    pub fn add_holder(&self, member: &str) -> usize {
         let mut holders = self.holders.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(i) = holders.iter().position(|h| h == member) {
-            return i as u16;
+            return i;
         }
         holders.push(member.to_owned());
-        (holders.len() - 1) as u16
+        holders.len() - 1
     }
 
-    /// The member at `index` (see [`UploadLease::add_holder`]).
-    pub fn holder(&self, index: u16) -> Option<String> {
-        let holders = self.holders.lock().unwrap_or_else(|p| p.into_inner());
-        holders.get(index as usize).cloned()
+    /// The compact record of which members hold a chunk.
+    pub fn copies(&self, members: &[String]) -> Copies {
+        let mut copies = Copies::default();
+        for m in members {
+            copies.mask |= bit(self.add_holder(m));
+            copies.count = copies.count.saturating_add(1);
+        }
+        copies
     }
 
     fn holder_ids(&self) -> Vec<String> {
@@ -185,13 +210,13 @@ impl Cluster {
     /// Before an upload commits: every chunk must still be on W good copies.
     /// Holders the lease lost touch with are asked to verify what they hold;
     /// a chunk that fell below W is fetched from a good copy and written
-    /// again. `copies[i]` holds the holder indices of `ids[i]` and is
-    /// updated. Fails if a chunk cannot be brought back to W copies.
+    /// again. `copies[i]` says who holds `ids[i]` and is updated. Fails if a
+    /// chunk cannot be brought back to W copies.
     pub async fn confirm_copies(
         &self,
         lease: &UploadLease,
         ids: &[ChunkId],
-        copies: &mut [Vec<u16>],
+        copies: &mut [Copies],
     ) -> Result<(), ClusterError> {
         let suspects = lease.suspects();
         if suspects.is_empty() {
@@ -201,30 +226,29 @@ impl Cluster {
             let Some(index) = lease.holder_ids().iter().position(|h| h == member) else {
                 continue;
             };
-            let index = index as u16;
             let on_it: Vec<usize> = (0..ids.len())
-                .filter(|i| copies[*i].contains(&index))
+                .filter(|i| copies[*i].mask & bit(index) != 0)
                 .collect();
             for batch in on_it.chunks(CONFIRM_BATCH) {
                 let asked: Vec<ChunkId> = batch.iter().map(|i| ids[*i]).collect();
                 let good = self.has_verified(member, &asked).await;
                 for (i, ok) in batch.iter().zip(good) {
                     if !ok {
-                        copies[*i].retain(|h| *h != index);
+                        copies[*i].count = copies[*i].count.saturating_sub(1);
                     }
                 }
             }
         }
         let w = self.write_quorum();
         for (i, id) in ids.iter().enumerate() {
-            if copies[i].len() >= w {
+            if copies[i].count() >= w {
                 continue;
             }
-            tracing::warn!(chunk = %id, copies = copies[i].len(), required = w,
+            tracing::warn!(chunk = %id, copies = copies[i].count(), required = w,
                 "a chunk of the upload lost copies while it ran; writing it again");
             let sealed = self.good_copy(*id).await?;
             let holders = self.replicate(*id, sealed, Some(lease)).await?;
-            copies[i] = holders.iter().map(|h| lease.add_holder(h)).collect();
+            copies[i] = lease.copies(&holders);
         }
         Ok(())
     }

@@ -22,7 +22,7 @@ use std::{
 use bytes::Bytes;
 use tokio::sync::watch;
 
-pub use lease::UploadLease;
+pub use lease::{Copies, UploadLease};
 pub use membership::{MemberState, MemberView, Membership};
 pub use records::PushOutcome;
 pub use sync::ForgetError;

@@ -25,7 +25,7 @@ use tokio_stream::{Stream, StreamExt};
 
 use super::{Node, NodeError, now_ms, parse_sha1, validate_key};
 use crate::{
-    cluster::{ClusterError, UploadLease},
+    cluster::{ClusterError, Copies, UploadLease},
     crypto::{ChunkId, IV_LEN},
     proto::ObjectRecord,
 };
@@ -60,7 +60,7 @@ struct ChunkBuf {
 #[derive(Default)]
 struct Written {
     ids: Vec<ChunkId>,
-    copies: Vec<Vec<u16>>,
+    copies: Vec<Copies>,
 }
 
 impl Node {
@@ -213,11 +213,10 @@ impl Node {
         lease: &std::sync::Arc<UploadLease>,
     ) -> Result<Written, NodeError> {
         let mut writes = JoinSet::new();
-        let mut slots: Vec<Option<(ChunkId, Vec<u16>)>> = Vec::new();
-        let record = |done, slots: &mut Vec<Option<(ChunkId, Vec<u16>)>>| {
+        let mut slots: Vec<Option<(ChunkId, Copies)>> = Vec::new();
+        let record = |done, slots: &mut Vec<Option<(ChunkId, Copies)>>| {
             if let Some((index, id, holders)) = join_write(done)? {
-                let copies = holders.iter().map(|h| lease.add_holder(h)).collect();
-                slots[index] = Some((id, copies));
+                slots[index] = Some((id, lease.copies(&holders)));
             }
             Ok::<(), NodeError>(())
         };

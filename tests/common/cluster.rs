@@ -26,6 +26,19 @@ pub struct TestCluster {
 
 impl TestCluster {
     pub async fn start(n: usize, replicas: usize, extra: &[&str]) -> Self {
+        Self::launch(n, replicas, extra, None).await
+    }
+
+    /// Like [`TestCluster::start`], with fixed peer addresses (returned), so
+    /// a node can come back on the same address.
+    pub async fn start_fixed(n: usize, replicas: usize, extra: &[&str]) -> (Self, Vec<String>) {
+        let addrs: Vec<String> = (0..n)
+            .map(|_| format!("127.0.0.1:{}", free_port()))
+            .collect();
+        (Self::launch(n, replicas, extra, Some(&addrs)).await, addrs)
+    }
+
+    async fn launch(n: usize, replicas: usize, extra: &[&str], p2p: Option<&[String]>) -> Self {
         let key_dir = tempfile::tempdir().unwrap();
         let key_file = write_key_file(&key_dir.path().join("cluster.key"), 42);
         let r = replicas.to_string();
@@ -42,13 +55,21 @@ impl TestCluster {
             }
         }
         base.extend_from_slice(extra);
-        let first = TestNode::start(&base).await;
-        let seed = first.p2p_addr().await;
-        let mut nodes = vec![first];
-        for _ in 1..n {
+        let mut nodes: Vec<TestNode> = Vec::new();
+        let mut seed = String::new();
+        for i in 0..n {
             let mut args = base.clone();
-            args.extend_from_slice(&["--peer", &seed]);
-            nodes.push(TestNode::start(&args).await);
+            if let Some(addrs) = p2p {
+                args.extend_from_slice(&["--p2p-addr", &addrs[i]]);
+            }
+            if i > 0 {
+                args.extend_from_slice(&["--peer", &seed]);
+            }
+            let node = TestNode::start(&args).await;
+            if i == 0 {
+                seed = node.p2p_addr().await;
+            }
+            nodes.push(node);
         }
         let cluster = Self {
             nodes,
@@ -68,12 +89,6 @@ impl TestCluster {
             key_file,
             _key_dir: None,
         }
-    }
-
-    /// Makes the cluster own the directory of the key its nodes share.
-    pub fn adopt_key_dir(&mut self, dir: tempfile::TempDir, key_file: PathBuf) {
-        self._key_dir = Some(dir);
-        self.key_file = key_file;
     }
 
     /// Waits until every running node sees `n - 1` peers up.
