@@ -102,6 +102,13 @@ def check_statefulset(sts, services, pdbs, node_env_vars):
             problem(f"{probe} must be a native gRPC probe")
         elif spec["grpc"]["port"] not in ports.values():
             problem(f"{probe} checks port {spec['grpc']['port']}, which the container does not expose")
+        else:
+            # A node cut off from its cluster is NOT_SERVING on "" (it cannot
+            # take writes) but alive: restarting it would not help.
+            want = "" if probe == "readinessProbe" else "liveness"
+            got = spec["grpc"].get("service", "")
+            if got != want:
+                problem(f"{probe} asks health service {got!r}, not {want!r}")
 
     for var in ("DFS_GRPC_ADDR", "DFS_P2P_ADDR", "DFS_METRICS_ADDR"):
         value = env.get(var, "")

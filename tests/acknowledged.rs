@@ -223,3 +223,20 @@ async fn a_holder_replaced_during_a_paused_upload_has_its_chunks_written_again()
         "the gateway re-checked the replaced holder and wrote the lost chunks again"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_cut_off_from_its_cluster_is_alive_but_not_ready() {
+    let node = TestNode::start(&["--peer", "127.0.0.1:1", "--replicas", "3"]).await;
+    let mut health = node.health().await;
+    let check = |service: &str| tonic_health::pb::HealthCheckRequest {
+        service: service.to_owned(),
+    };
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    let live = health.check(check("liveness")).await.unwrap().into_inner();
+    assert_eq!(
+        live.status, serving,
+        "liveness does not depend on the cluster"
+    );
+    let ready = health.check(check("")).await.unwrap().into_inner();
+    assert_ne!(ready.status, serving, "readiness does");
+}

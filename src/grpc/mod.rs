@@ -127,7 +127,11 @@ pub async fn serve(
 
     // Health follows whether the node can take writes: a node that has not
     // reached its cluster (or whose clock disagrees with it) is NOT_SERVING,
-    // so a mesh routes to nodes that can.
+    // so a mesh routes to nodes that can. Liveness is separate: a node cut
+    // off from its cluster is alive and must not be restarted for it.
+    health_reporter
+        .set_service_status(LIVENESS_SERVICE, tonic_health::ServingStatus::Serving)
+        .await;
     let readiness = tokio::spawn(report_readiness(node.clone(), health_reporter.clone()));
 
     // Shutdown: stop advertising health first, then stop the server; the
@@ -192,6 +196,10 @@ pub async fn serve(
     }
     Ok(())
 }
+
+/// The health "service" that answers SERVING while the process runs,
+/// whatever the cluster's state: for liveness and startup probes.
+pub const LIVENESS_SERVICE: &str = "liveness";
 
 /// Keeps the health status in step with [`crate::cluster::Cluster::writable`].
 async fn report_readiness(node: Arc<Node>, reporter: tonic_health::server::HealthReporter) {
