@@ -3,7 +3,7 @@
 //! peers send, asking peers for records this node lacks, and the clock
 //! agreement that versions rely on.
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use super::{Cluster, ClusterError, MemberState};
 use crate::proto::{
@@ -14,8 +14,6 @@ use crate::proto::{
 /// a logical counter; see `index`).
 const HLC_MS_SHIFT: u32 = 16;
 
-/// How long a commit waits for peers before it settles for what it has.
-const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Cluster {
     /// Makes `record` durable on this node and on enough others for the
@@ -50,8 +48,10 @@ impl Cluster {
             // Detached: the pushes beyond the first W still deliver the
             // record after the client has its answer.
             tokio::spawn(async move {
+                // A push that fetches a long out-of-line list back from this
+                // node takes a few requests: allow it a few peer timeouts.
                 let pushed = tokio::time::timeout(
-                    COMMIT_TIMEOUT,
+                    this.cfg.peer_timeout * 3,
                     this.push_record(&peer.node_id, &peer.addr, &record),
                 )
                 .await
