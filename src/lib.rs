@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod config;
 pub mod crypto;
 pub mod grpc;
+pub mod identity;
 pub mod index;
 pub mod metrics;
 pub mod node;

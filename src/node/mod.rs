@@ -6,6 +6,7 @@
 //! size of transfers change how long they wait, never how much memory the
 //! node uses.
 
+mod body_budget;
 mod download;
 mod gc;
 mod upload;
@@ -13,7 +14,6 @@ mod upload;
 use std::{
     collections::HashMap,
     fs,
-    path::Path,
     sync::{Arc, Mutex},
 };
 
@@ -28,6 +28,7 @@ use crate::{
     cluster::{Cluster, ClusterError},
     config::NodeConfig,
     crypto::{ChunkId, ClusterSecret, Keys},
+    identity::NodeKey,
     index::{Index, IndexError},
     proto::{ObjectInfo, ObjectRecord, Version, get_record},
     store::{ChunkStore, StoreError},
@@ -188,7 +189,8 @@ impl Node {
         let dir = &cfg.data_dir;
         fs::create_dir_all(dir)
             .map_err(|e| NodeError::Internal(format!("create {}: {e}", dir.display())))?;
-        let id = load_or_create_node_id(dir)?;
+        let key = NodeKey::load_or_create(dir).map_err(|e| NodeError::Internal(e.to_string()))?;
+        let id = key.node_id().to_owned();
         let secret = load_or_create_secret(&cfg)?;
         let store = Arc::new(ChunkStore::open(dir, cfg.capacity)?);
         let index = Arc::new(Index::open(&dir.join("index.redb"))?);
@@ -203,16 +205,18 @@ impl Node {
             )));
         }
         let cluster = Arc::new(Cluster::new(
-            id.clone(),
+            key,
             cfg.cluster.clone(),
             keys.clone(),
             store.clone(),
             index.clone(),
             Some(dir.join("members")),
         ));
+        let budget = BufferBudget::new(cfg.buffer_budget);
+        cluster.set_body_budget(Arc::new(budget.clone()));
         Ok(Self {
             keys,
-            budget: BufferBudget::new(cfg.buffer_budget),
+            budget,
             store,
             index,
             cluster,
@@ -222,7 +226,7 @@ impl Node {
         })
     }
 
-    /// This node's persistent random id.
+    /// This node's id, derived from its static key (see `crate::identity`).
     pub fn id(&self) -> &str {
         &self.id
     }
@@ -352,26 +356,6 @@ pub fn parse_sha1(hex_text: &str) -> Result<[u8; 20], NodeError> {
 
 pub(crate) fn now_ms() -> u64 {
     crate::units::unix_ms()
-}
-
-fn load_or_create_node_id(dir: &Path) -> Result<String, NodeError> {
-    let path = dir.join("node.id");
-    match fs::read_to_string(&path) {
-        Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_owned()),
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(NodeError::Internal(format!("read {}: {e}", path.display()))),
-    }
-    let mut raw = [0u8; 8];
-    rand::Rng::fill_bytes(&mut rand::rng(), &mut raw);
-    let id = hex::encode(raw);
-    let tmp = dir.join("node.id.tmp");
-    fs::write(&tmp, format!("{id}\n"))
-        .and_then(|()| fs::File::open(&tmp)?.sync_all())
-        .and_then(|()| fs::rename(&tmp, &path))
-        .map_err(|e| NodeError::Internal(format!("write {}: {e}", path.display())))?;
-    tracing::info!(node_id = %id, "created a new node id");
-    Ok(id)
 }
 
 fn load_or_create_secret(cfg: &NodeConfig) -> Result<ClusterSecret, NodeError> {
