@@ -11,6 +11,7 @@ mod p2p_fuzz {
 
     use bytes::Bytes;
     use dfs::crypto::{ClusterSecret, Keys};
+    use dfs::identity::NodeKey;
     use dfs::p2p::frame::{END_LEN, HEADER_LEN, MAX_DATA_LEN, MAX_ERROR_LEN, MAX_MESSAGE_LEN};
     use dfs::p2p::{
         Connection, Frame, FrameKind, HandshakeError, Identity, Incoming, P2pError, handshake,
@@ -303,8 +304,8 @@ mod p2p_fuzz {
         }
     }
 
-    // The accepting side of the handshake, fed by an attacker who does not
-    // hold the secret.
+    // The accepting side of the handshake, fed by an attacker who holds
+    // neither the cluster secret nor a node key.
 
     fn keys() -> Keys {
         Keys::derive(&ClusterSecret::generate())
@@ -319,7 +320,7 @@ mod p2p_fuzz {
         block_on(async {
             let mut conn = reading(input);
             let me = Identity {
-                node_id: "acceptor".into(),
+                key: NodeKey::generate(),
                 advertised_addr: "127.0.0.1:7000".into(),
             };
             let result =
@@ -332,43 +333,40 @@ mod p2p_fuzz {
     struct HelloFields {
         magic: String,
         version: u32,
-        node_id: String,
-        nonce_len: usize,
+        noise_len: usize,
         has_body: bool,
     }
 
     fn arb_hello() -> impl Strategy<Value = HelloFields> {
         (
             prop_oneof![3 => Just("dfs-peer".to_owned()), 1 => "[ -~]{0,12}"],
-            prop_oneof![3 => Just(1u32), 1 => any::<u32>()],
-            prop_oneof![3 => "[a-z0-9]{1,16}", 1 => Just("acceptor".to_owned()), 1 => Just(String::new())],
-            prop_oneof![3 => Just(32usize), 1 => 0usize..64],
+            prop_oneof![3 => Just(handshake::VERSION), 1 => any::<u32>()],
+            prop_oneof![3 => Just(32usize), 1 => 0usize..100],
             prop_oneof![3 => Just(false), 1 => Just(true)],
         )
-            .prop_map(|(magic, version, node_id, nonce_len, has_body)| HelloFields {
+            .prop_map(|(magic, version, noise_len, has_body)| HelloFields {
                 magic,
                 version,
-                node_id,
-                nonce_len,
+                noise_len,
                 has_body,
             })
     }
 
-    fn hello_then_auth(h: &HelloFields, tag: &[u8]) -> Vec<u8> {
+    /// A dialer's Hello and a forged Auth (random bytes where Noise message
+    /// 3 is due): what an attacker without the node keys can send.
+    fn hello_then_auth(h: &HelloFields, auth_noise: &[u8]) -> Vec<u8> {
         let hello = PeerMessage {
             has_body: h.has_body,
             kind: Some(Kind::Hello(Hello {
                 magic: h.magic.clone(),
                 version: h.version,
-                node_id: h.node_id.clone(),
-                advertised_addr: "10.0.0.9:7000".into(),
-                nonce: vec![5; h.nonce_len].into(),
+                noise: vec![5; h.noise_len].into(),
             })),
         };
         let auth = PeerMessage {
             has_body: false,
             kind: Some(Kind::Auth(Auth {
-                tag: Bytes::copy_from_slice(tag),
+                noise: Bytes::copy_from_slice(auth_noise),
             })),
         };
         frame_bytes(&[
@@ -393,20 +391,21 @@ mod p2p_fuzz {
         #[test]
         fn the_acceptor_checks_every_hello_field_in_order(
             h in arb_hello(),
-            tag in proptest::collection::vec(any::<u8>(), 0..40),
+            forged in proptest::collection::vec(any::<u8>(), 0..120),
         ) {
-            let (result, _) = accept(&hello_then_auth(&h, &tag), &keys());
-            let err = result.expect_err("a random tag never authenticates");
+            let (result, _) = accept(&hello_then_auth(&h, &forged), &keys());
+            let err = result.expect_err("a forged message 3 never authenticates");
+            // Noise message 1 is an ephemeral key (32 bytes, then a payload
+            // in the clear); a forged message 3, whatever its length, fails
+            // to decrypt.
             let expected = if h.has_body {
                 "unexpected"
             } else if h.magic != "dfs-peer" {
                 "magic"
-            } else if h.version != 1 {
+            } else if h.version != handshake::VERSION {
                 "version"
-            } else if h.nonce_len != 32 || h.node_id.is_empty() {
+            } else if h.noise_len < 32 {
                 "unexpected"
-            } else if h.node_id == "acceptor" {
-                "self"
             } else {
                 "auth"
             };
@@ -414,7 +413,6 @@ mod p2p_fuzz {
                 P2pError::Handshake(HandshakeError::Unexpected(_)) => "unexpected",
                 P2pError::Handshake(HandshakeError::WrongMagic(_)) => "magic",
                 P2pError::Handshake(HandshakeError::VersionMismatch { .. }) => "version",
-                P2pError::Handshake(HandshakeError::SelfConnection(_)) => "self",
                 P2pError::Handshake(HandshakeError::AuthFailed) => "auth",
                 other => panic!("untyped outcome {other:?}"),
             };
@@ -423,15 +421,14 @@ mod p2p_fuzz {
 
         #[test]
         fn the_acceptor_survives_mutated_handshakes(
-            tag in proptest::collection::vec(any::<u8>(), 32),
+            tag in proptest::collection::vec(any::<u8>(), 64..100),
             flips in proptest::collection::vec((any::<prop::sample::Index>(), 1u8..=255), 0..6),
             cut in any::<prop::sample::Index>(),
         ) {
             let good = HelloFields {
                 magic: "dfs-peer".into(),
-                version: 1,
-                node_id: "dialer".into(),
-                nonce_len: 32,
+                version: handshake::VERSION,
+                noise_len: 32,
                 has_body: false,
             };
             let mut input = hello_then_auth(&good, &tag);

@@ -140,12 +140,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// kind's cap). `Ok(None)` on a clean end of stream.
     async fn read_header(&mut self) -> Result<Option<(FrameKind, usize)>, P2pError> {
         let header: [u8; HEADER_LEN] = if self.secure.is_some() {
+            // The prefix is judged before the rest is read: a record of the
+            // wrong size is refused at once, not after waiting for it.
             let mut record = [0u8; HEADER_RECORD_LEN];
-            if !self.read_exact_or_eof(&mut record, "record").await? {
+            let (prefix, rest) = record.split_at_mut(PREFIX_LEN);
+            if !self.read_exact_or_eof(prefix, "record").await? {
                 return Ok(None);
             }
-            let (prefix, rest) = record.split_at_mut(PREFIX_LEN);
             check_prefix(prefix, HEADER_LEN)?;
+            self.read_exact(rest, "record").await?;
             let (header, tag) = rest.split_at_mut(HEADER_LEN);
             self.recv()?.open(header, &tag_of(tag))?;
             header.try_into().expect("5-byte header")
@@ -281,6 +284,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             plain = &plain[n..];
         }
         Ok(())
+    }
+
+    /// Writes a frame without the sender-side checks of [`Frame::header`]
+    /// (in the clear before the handshake, sealed in records after it), for
+    /// tests that play a peer breaking the frame rules inside a valid
+    /// channel. Call `flush` to send it.
+    #[doc(hidden)]
+    pub async fn write_unchecked(
+        &mut self,
+        header: [u8; HEADER_LEN],
+        payload: &[u8],
+    ) -> Result<(), P2pError> {
+        self.write_part(&header).await?;
+        self.write_part(payload).await
     }
 
     /// Sends everything buffered.
