@@ -15,8 +15,8 @@ mod p2p_loopback {
     use dfs::crypto::{ClusterSecret, Keys};
     use dfs::identity::NodeKey;
     use dfs::p2p::{
-        self, BodyBudget, Connection, Frame, HandshakeError, Identity, Limits,
-        P2pError, PeerHandler, PeerInfo, PeerPool, handshake,
+        self, BodyBudget, Connection, Frame, HandshakeError, Identity, Limits, P2pError,
+        PeerHandler, PeerInfo, PeerPool, handshake,
     };
     use dfs::proto::{
         GetChunk, Hello, Member, PeerError, PeerMessage, Ping, Pong, PutChunk, PutChunkReply,
@@ -404,11 +404,36 @@ mod p2p_loopback {
     /// Frames a misbehaving peer sends (header, payload, unchecked), and a
     /// piece of the reason the server must close with.
     const BAD_FRAMES: &[(&str, [u8; 5], &[u8], &str)] = &[
-        ("unknown kind", [9, 0, 0, 0, 1], &[0], "unknown frame kind 9"),
-        ("oversized length", [1, 0xff, 0xff, 0xff, 0xff], &[], "exceeds the"),
-        ("bad protobuf", [1, 0, 0, 0, 3], &[0xff, 0xff, 0xff], "bad peer message"),
-        ("DATA before any message", [2, 0, 0, 0, 1], &[7], "unexpected DATA frame"),
-        ("END of the wrong size", [3, 0, 0, 0, 5], &[0; 5], "END frame of 5 bytes"),
+        (
+            "unknown kind",
+            [9, 0, 0, 0, 1],
+            &[0],
+            "unknown frame kind 9",
+        ),
+        (
+            "oversized length",
+            [1, 0xff, 0xff, 0xff, 0xff],
+            &[],
+            "exceeds the",
+        ),
+        (
+            "bad protobuf",
+            [1, 0, 0, 0, 3],
+            &[0xff, 0xff, 0xff],
+            "bad peer message",
+        ),
+        (
+            "DATA before any message",
+            [2, 0, 0, 0, 1],
+            &[7],
+            "unexpected DATA frame",
+        ),
+        (
+            "END of the wrong size",
+            [3, 0, 0, 0, 5],
+            &[0; 5],
+            "END frame of 5 bytes",
+        ),
     ];
 
     /// A record of the right size for a frame header, not sealed by the

@@ -229,7 +229,13 @@ mod p2p_protocol_doc {
         rt.block_on(async {
             let (dialed, accepted) = tokio::join!(
                 handshake::dial_with_fixed_ephemeral(&mut d, &dialer, &keys, remote, &[0x11; 32]),
-                handshake::accept_with_fixed_ephemeral(&mut c, &acceptor, &keys, remote, &[0x22; 32]),
+                handshake::accept_with_fixed_ephemeral(
+                    &mut c,
+                    &acceptor,
+                    &keys,
+                    remote,
+                    &[0x22; 32]
+                ),
             );
             let (dialed, accepted) = (dialed.unwrap(), accepted.unwrap());
             assert_eq!(dialed.node_id, acceptor.node_id());
@@ -265,7 +271,10 @@ mod p2p_protocol_doc {
         let (dialer, acceptor, dialer_id, acceptor_id) = fixed_run();
         let (d_frames, d_records) = split_frames(&dialer, 2);
         let (a_frames, a_rest) = split_frames(&acceptor, 2);
-        assert!(a_rest.is_empty(), "the acceptor sent nothing after its Auth");
+        assert!(
+            a_rest.is_empty(),
+            "the acceptor sent nothing after its Auth"
+        );
         let examples = [
             ("hello-dialer", &d_frames[0]),
             ("hello-acceptor", &a_frames[0]),

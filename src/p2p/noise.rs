@@ -283,7 +283,10 @@ mod tests {
     fn the_record_cipher_is_the_noise_transport_of_snow() {
         // The same handshake twice, with fixed keys: one side moves to snow's
         // own TransportState, the other to ours; they must agree both ways.
-        let (a, b) = (NodeKey::from_private([3; 32]), NodeKey::from_private([4; 32]));
+        let (a, b) = (
+            NodeKey::from_private([3; 32]),
+            NodeKey::from_private([4; 32]),
+        );
         let run = || {
             let mut i = Handshake::new(&a, &[9; 32], true, Some(&[5; 32])).unwrap();
             let mut r = Handshake::new(&b, &[9; 32], false, Some(&[6; 32])).unwrap();
