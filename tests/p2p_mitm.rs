@@ -2,7 +2,8 @@
 //! processes that reach each other only through TCP relays this test
 //! controls (each node advertises its relay's address). The relays see every
 //! byte between the nodes, and can alter, drop, replay, reorder or inject
-//! records after the handshake. Also: impostors dialing a real node.
+//! records after the handshake. Also: impostors dialing a real node, and a
+//! data directory from before node keys migrating to a derived id.
 
 mod common;
 
@@ -651,4 +652,38 @@ async fn a_peer_without_the_cluster_key_is_refused_by_a_real_node() {
         "{result:?}"
     );
     assert_eq!(members(&p.b).await.len(), 2, "B learned no member");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_data_dir_with_a_random_node_id_migrates_to_a_key_derived_one() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut node = TestNode::new(&[]);
+    std::fs::create_dir_all(node.data_dir()).unwrap();
+    std::fs::write(node.data_dir().join("node.id"), "0123456789abcdef\n").unwrap();
+    node.launch().await;
+    let id = node.status().await.node_id;
+    assert_ne!(id, "0123456789abcdef");
+    let key_file = node.data_dir().join("node.key");
+    let text = std::fs::read_to_string(&key_file).unwrap();
+    let mut private = [0u8; 32];
+    hex::decode_to_slice(text.trim(), &mut private).unwrap();
+    let key = dfs::identity::NodeKey::from_private(private);
+    assert_eq!(id, key.node_id(), "the id is derived from node.key");
+    let mode = std::fs::metadata(&key_file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert_eq!(
+        std::fs::read_to_string(node.data_dir().join("node.id.old")).unwrap(),
+        "0123456789abcdef\n"
+    );
+    assert!(!node.data_dir().join("node.id").exists());
+    let migrated = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("migrated to a node key") && l.contains("0123456789abcdef"))
+            .count()
+    };
+    assert_eq!(migrated(&node.log()), 1, "{}", node.log());
+    // A restart keeps the id and migrates nothing again.
+    node.restart().await;
+    assert_eq!(node.status().await.node_id, id);
+    assert_eq!(migrated(&node.log()), 1);
 }
