@@ -242,8 +242,8 @@ impl Pair {
         let key_file = write_key_file(&key_dir.path().join("cluster.key"), 77);
         let (relay_a, relay_b) = (Relay::start().await, Relay::start().await);
         // Long sync and repair intervals: only the pushes under test move
-        // records and chunks while the test looks; a long dead-after keeps
-        // membership still while the relay breaks connections.
+        // records and chunks while the test looks. A failed write marks a
+        // member down until its next ping (every dead-after / 5 = 2 s).
         let args = |advertise: &str, peer: &str| -> Vec<String> {
             [
                 "--cluster-key-file",
@@ -251,7 +251,7 @@ impl Pair {
                 "--replicas",
                 "2",
                 "--dead-after",
-                "60s",
+                "10s",
                 "--sync-interval",
                 "1h",
                 "--repair-interval",
