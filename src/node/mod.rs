@@ -213,7 +213,9 @@ impl Node {
             Some(dir.join("members")),
         ));
         let budget = BufferBudget::new(cfg.buffer_budget);
-        cluster.set_body_budget(Arc::new(budget.clone()));
+        let reserve = cfg.chunk_size + crate::crypto::IV_LEN;
+        let peer_bodies = body_budget::PeerBodyBudget::new(budget.clone(), reserve);
+        cluster.set_body_budget(Arc::new(peer_bodies));
         Ok(Self {
             keys,
             budget,
