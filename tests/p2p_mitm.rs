@@ -745,3 +745,65 @@ async fn two_nodes_uploading_to_each_other_with_full_budgets_do_not_wait_for_eac
         "six small uploads took {took:?}: the nodes waited for each other"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_frames_before_and_after_the_handshake_close_only_their_connection_on_a_real_node()
+ {
+    let p = Pair::start().await;
+    let b_addr = bound_p2p_addr(&p.b).await;
+    let keys =
+        dfs::crypto::Keys::derive(&dfs::crypto::ClusterSecret::read_file(&p.key_file).unwrap());
+    // (header, payload, a piece of the reason B must close with)
+    let attacks: [([u8; 5], &[u8], &str); 4] = [
+        ([9, 0, 0, 0, 1], &[0], "unknown frame kind 9"),
+        ([1, 0xff, 0xff, 0xff, 0xff], &[], "exceeds the"),
+        ([1, 0, 0, 0, 3], &[0xff, 0xff, 0xff], "bad peer message"),
+        ([2, 0, 0, 0, 1], &[7], "unexpected DATA frame"),
+    ];
+    for authenticated in [false, true] {
+        for (header, payload, reason) in attacks {
+            let stream = TcpStream::connect(&b_addr).await.unwrap();
+            let remote = stream.peer_addr().unwrap();
+            let mut conn = dfs::p2p::Connection::new(stream);
+            if authenticated {
+                let me = dfs::p2p::Identity {
+                    key: dfs::identity::NodeKey::generate(),
+                    advertised_addr: "127.0.0.1:1".into(),
+                };
+                dfs::p2p::handshake::dial(&mut conn, &me, &keys, Duration::from_secs(5), remote)
+                    .await
+                    .unwrap();
+            }
+            conn.write_unchecked(header, payload).await.unwrap();
+            conn.flush().await.unwrap();
+            let got = refusal_reason(&mut conn).await;
+            let got = got.unwrap_or_else(|| panic!("{reason} ({authenticated}): no ERROR"));
+            assert!(got.contains(reason), "{reason} ({authenticated}): {got}");
+        }
+    }
+    // Garbage around the record layer after a real handshake.
+    let stream = TcpStream::connect(&b_addr).await.unwrap();
+    let remote = stream.peer_addr().unwrap();
+    let mut conn = dfs::p2p::Connection::new(stream);
+    let me = dfs::p2p::Identity {
+        key: dfs::identity::NodeKey::generate(),
+        advertised_addr: "127.0.0.1:1".into(),
+    };
+    dfs::p2p::handshake::dial(&mut conn, &me, &keys, Duration::from_secs(5), remote)
+        .await
+        .unwrap();
+    conn.get_mut()
+        .write_all(b"GET / HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
+    let got = refusal_reason(&mut conn).await.expect("an ERROR frame");
+    assert!(got.contains("record of"), "{got}");
+    // B still takes copies from A, and A's view of B is what it was.
+    p.wait_for_each_other().await;
+    let data = pseudo_random(41, 3 * CHUNK);
+    put_with_metadata(&p.a, "after-garbage", HashMap::new(), &data)
+        .await
+        .unwrap();
+    assert!(wait_for_key(&p.b, "after-garbage").await);
+    assert_eq!(members(&p.b).await.len(), 2, "the attackers joined nothing");
+}
