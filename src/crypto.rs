@@ -7,7 +7,8 @@
 //! * `K_enc`: AES-256-CTR key for chunk contents;
 //! * `K_id`: HMAC-SHA1 key for chunk ids (keyed so that nobody without the
 //!   secret can fingerprint stored chunks or craft colliding ones);
-//! * `K_auth`: HMAC-SHA256 key for the peer handshake.
+//! * `K_psk`: the Noise pre-shared key of the peer channel, which every
+//!   handshake mixes in, so only holders of the secret complete one.
 //!
 //! A sealed chunk is `IV (16 random bytes) || AES-256-CTR(K_enc, IV, plain)`,
 //! the same bytes on disk and on the peer wire.
@@ -107,7 +108,7 @@ impl fmt::Debug for ClusterSecret {
 pub struct Keys {
     enc: [u8; 32],
     id: [u8; 32],
-    auth: [u8; 32],
+    psk: [u8; 32],
 }
 
 impl fmt::Debug for Keys {
@@ -118,7 +119,8 @@ impl fmt::Debug for Keys {
 
 impl Keys {
     /// Derives the three purpose keys with HKDF-SHA256. The info strings bind
-    /// each key to its use and to this format version.
+    /// each key to its use and to this format version (the peer PSK's label
+    /// names the peer protocol version it was introduced with).
     pub fn derive(secret: &ClusterSecret) -> Self {
         let hk = hkdf::Hkdf::<Sha256>::new(Some(b"dfs cluster v1"), &secret.0);
         let expand = |info: &[u8]| {
@@ -130,7 +132,7 @@ impl Keys {
         Self {
             enc: expand(b"dfs chunk encryption v1"),
             id: expand(b"dfs chunk id v1"),
-            auth: expand(b"dfs peer auth v1"),
+            psk: expand(b"dfs peer noise psk v2"),
         }
     }
 
@@ -143,9 +145,9 @@ impl Keys {
         u64::from_be_bytes(id.0[..8].try_into().expect("20-byte id"))
     }
 
-    /// The key for the peer handshake's HMAC-SHA256.
-    pub fn auth_key(&self) -> &[u8; 32] {
-        &self.auth
+    /// The pre-shared key of the peer channel's Noise handshake (`psk3`).
+    pub fn peer_psk(&self) -> &[u8; 32] {
+        &self.psk
     }
 
     /// The id of a plaintext chunk: `HMAC-SHA1(K_id, plain)`.
@@ -258,13 +260,6 @@ impl FromStr for ChunkId {
     }
 }
 
-/// HMAC-SHA256 with the peer-auth key, for the handshake transcript.
-pub fn auth_tag(keys: &Keys, transcript: &[u8]) -> [u8; 32] {
-    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(keys.auth_key()).expect("any key");
-    mac.update(transcript);
-    mac.finalize().into_bytes().into()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -322,6 +317,22 @@ mod tests {
                 "2b0930daa23de94ce87017ba2d84988d",
                 "dfc9c58db67aada613c2dd08457941a6"
             )
+        );
+    }
+
+    #[test]
+    fn the_peer_psk_is_pinned() {
+        // HKDF-SHA256(salt "dfs cluster v1", secret 00 01 .. 1f, info
+        // "dfs peer noise psk v2"), computed independently with Python's
+        // hmac module. A changed label splits every cluster in two.
+        let mut raw = [0u8; 32];
+        for (i, b) in raw.iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        let keys = Keys::derive(&ClusterSecret(raw));
+        assert_eq!(
+            hex::encode(keys.peer_psk()),
+            "808ce37d37f29b2b4bdb0ba0a9e14c1442ffa568dc3e670b8d9fc7e3f1b39a56"
         );
     }
 
@@ -394,7 +405,8 @@ mod tests {
         let s = ClusterSecret::generate();
         let k = Keys::derive(&s);
         assert_ne!(k.enc, k.id);
-        assert_ne!(k.id, k.auth);
+        assert_ne!(k.id, k.psk);
+        assert_ne!(k.enc, k.psk);
         let k2 = Keys::derive(&s);
         assert_eq!(k.id, k2.id, "derivation is deterministic");
         let k3 = Keys::derive(&ClusterSecret::generate());

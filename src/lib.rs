@@ -13,6 +13,7 @@ pub mod config;
 pub mod crypto;
 pub mod fsutil;
 pub mod grpc;
+pub mod identity;
 pub mod index;
 pub mod metrics;
 pub mod node;

@@ -484,7 +484,7 @@ async fn malformed_records_from_a_peer_are_refused_and_good_ones_applied() {
     let secret = dfs::crypto::ClusterSecret::read_file(&key).unwrap();
     let pool = PeerPool::new(
         Identity {
-            node_id: "00000000badc0ffe".into(),
+            key: dfs::identity::NodeKey::generate(),
             advertised_addr: "127.0.0.1:1".into(),
         },
         dfs::crypto::Keys::derive(&secret),

@@ -11,6 +11,7 @@ mod p2p_fuzz {
 
     use bytes::Bytes;
     use dfs::crypto::{ClusterSecret, Keys};
+    use dfs::identity::NodeKey;
     use dfs::p2p::frame::{END_LEN, HEADER_LEN, MAX_DATA_LEN, MAX_ERROR_LEN, MAX_MESSAGE_LEN};
     use dfs::p2p::{
         Connection, Frame, FrameKind, HandshakeError, Identity, Incoming, P2pError, handshake,
@@ -305,8 +306,8 @@ mod p2p_fuzz {
         }
     }
 
-    // The accepting side of the handshake, fed by an attacker who does not
-    // hold the secret.
+    // The accepting side of the handshake, fed by an attacker who holds
+    // neither the cluster secret nor a node key.
 
     fn keys() -> Keys {
         Keys::derive(&ClusterSecret::generate())
@@ -321,7 +322,7 @@ mod p2p_fuzz {
         block_on(async {
             let mut conn = reading(input);
             let me = Identity {
-                node_id: "acceptor".into(),
+                key: NodeKey::generate(),
                 advertised_addr: "127.0.0.1:7000".into(),
             };
             let result =
@@ -334,43 +335,40 @@ mod p2p_fuzz {
     struct HelloFields {
         magic: String,
         version: u32,
-        node_id: String,
-        nonce_len: usize,
+        noise_len: usize,
         has_body: bool,
     }
 
     fn arb_hello() -> impl Strategy<Value = HelloFields> {
         (
             prop_oneof![3 => Just("dfs-peer".to_owned()), 1 => "[ -~]{0,12}"],
-            prop_oneof![3 => Just(1u32), 1 => any::<u32>()],
-            prop_oneof![3 => "[a-z0-9]{1,16}", 1 => Just("acceptor".to_owned()), 1 => Just(String::new())],
-            prop_oneof![3 => Just(32usize), 1 => 0usize..64],
+            prop_oneof![3 => Just(handshake::VERSION), 1 => any::<u32>()],
+            prop_oneof![3 => Just(32usize), 1 => 0usize..100],
             prop_oneof![3 => Just(false), 1 => Just(true)],
         )
-            .prop_map(|(magic, version, node_id, nonce_len, has_body)| HelloFields {
+            .prop_map(|(magic, version, noise_len, has_body)| HelloFields {
                 magic,
                 version,
-                node_id,
-                nonce_len,
+                noise_len,
                 has_body,
             })
     }
 
-    fn hello_then_auth(h: &HelloFields, tag: &[u8]) -> Vec<u8> {
+    /// A dialer's Hello and a forged Auth (random bytes where Noise message
+    /// 3 is due): what an attacker without the node keys can send.
+    fn hello_then_auth(h: &HelloFields, auth_noise: &[u8]) -> Vec<u8> {
         let hello = PeerMessage {
             has_body: h.has_body,
             kind: Some(Kind::Hello(Hello {
                 magic: h.magic.clone(),
                 version: h.version,
-                node_id: h.node_id.clone(),
-                advertised_addr: "10.0.0.9:7000".into(),
-                nonce: vec![5; h.nonce_len].into(),
+                noise: vec![5; h.noise_len].into(),
             })),
         };
         let auth = PeerMessage {
             has_body: false,
             kind: Some(Kind::Auth(Auth {
-                tag: Bytes::copy_from_slice(tag),
+                noise: Bytes::copy_from_slice(auth_noise),
             })),
         };
         frame_bytes(&[
@@ -395,20 +393,21 @@ mod p2p_fuzz {
         #[test]
         fn the_acceptor_checks_every_hello_field_in_order(
             h in arb_hello(),
-            tag in proptest::collection::vec(any::<u8>(), 0..40),
+            forged in proptest::collection::vec(any::<u8>(), 0..120),
         ) {
-            let (result, _) = accept(&hello_then_auth(&h, &tag), &keys());
-            let err = result.expect_err("a random tag never authenticates");
+            let (result, _) = accept(&hello_then_auth(&h, &forged), &keys());
+            let err = result.expect_err("a forged message 3 never authenticates");
+            // Noise message 1 is an ephemeral key (32 bytes, then a payload
+            // in the clear); a forged message 3, whatever its length, fails
+            // to decrypt.
             let expected = if h.has_body {
                 "unexpected"
             } else if h.magic != "dfs-peer" {
                 "magic"
-            } else if h.version != 1 {
+            } else if h.version != handshake::VERSION {
                 "version"
-            } else if h.nonce_len != 32 || h.node_id.is_empty() {
+            } else if h.noise_len < 32 {
                 "unexpected"
-            } else if h.node_id == "acceptor" {
-                "self"
             } else {
                 "auth"
             };
@@ -416,7 +415,6 @@ mod p2p_fuzz {
                 P2pError::Handshake(HandshakeError::Unexpected(_)) => "unexpected",
                 P2pError::Handshake(HandshakeError::WrongMagic(_)) => "magic",
                 P2pError::Handshake(HandshakeError::VersionMismatch { .. }) => "version",
-                P2pError::Handshake(HandshakeError::SelfConnection(_)) => "self",
                 P2pError::Handshake(HandshakeError::AuthFailed) => "auth",
                 other => panic!("untyped outcome {other:?}"),
             };
@@ -425,15 +423,14 @@ mod p2p_fuzz {
 
         #[test]
         fn the_acceptor_survives_mutated_handshakes(
-            tag in proptest::collection::vec(any::<u8>(), 32),
+            tag in proptest::collection::vec(any::<u8>(), 64..100),
             flips in proptest::collection::vec((any::<prop::sample::Index>(), 1u8..=255), 0..6),
             cut in any::<prop::sample::Index>(),
         ) {
             let good = HelloFields {
                 magic: "dfs-peer".into(),
-                version: 1,
-                node_id: "dialer".into(),
-                nonce_len: 32,
+                version: handshake::VERSION,
+                noise_len: 32,
                 has_body: false,
             };
             let mut input = hello_then_auth(&good, &tag);
@@ -446,6 +443,176 @@ mod p2p_fuzz {
             let err = result.expect_err("without the secret there is no success");
             assert_typed(&err);
             prop_assert!(peak <= MAX_ALLOC);
+        }
+    }
+
+    // The record layer after a real handshake: the bytes an honest dialer
+    // sent, altered on the way. Whatever is altered, the acceptor delivers
+    // exactly the messages before the altered one, then refuses.
+
+    /// Fixed keys, so that a handshake replayed from captured bytes
+    /// derives the same transport keys as the captured one.
+    fn fixed_parties() -> (Identity, Identity, Keys) {
+        static KEYS: std::sync::OnceLock<Keys> = std::sync::OnceLock::new();
+        let keys = KEYS
+            .get_or_init(|| Keys::derive(&ClusterSecret::generate()))
+            .clone();
+        let party = |b: u8| Identity {
+            key: NodeKey::from_private([b; 32]),
+            advertised_addr: format!("10.0.0.{b}:7000"),
+        };
+        (party(1), party(2), keys)
+    }
+
+    /// A stream that keeps a copy of everything read from it.
+    struct Recorder {
+        inner: tokio::io::DuplexStream,
+        log: Vec<u8>,
+    }
+
+    impl tokio::io::AsyncRead for Recorder {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            let before = buf.filled().len();
+            let poll = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+            let fresh = buf.filled()[before..].to_vec();
+            self.log.extend_from_slice(&fresh);
+            poll
+        }
+    }
+
+    impl tokio::io::AsyncWrite for Recorder {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+        }
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    /// A dialer that handshakes and sends `wires`; returns its bytes as the
+    /// acceptor received them: the two handshake frames, then the records.
+    fn capture(wires: &[Wire]) -> (Vec<u8>, Vec<u8>) {
+        use tokio::io::AsyncReadExt;
+        let (dialer, acceptor, keys) = fixed_parties();
+        block_on(async {
+            let (a, b) = tokio::io::duplex(1 << 20);
+            let mut d = Connection::new(a);
+            let mut c = Connection::new(Recorder {
+                inner: b,
+                log: Vec::new(),
+            });
+            let (dialed, accepted) = tokio::join!(
+                handshake::dial_with_fixed_ephemeral(&mut d, &dialer, &keys, remote(), &[3; 32]),
+                handshake::accept_with_fixed_ephemeral(
+                    &mut c,
+                    &acceptor,
+                    &keys,
+                    remote(),
+                    &[4; 32]
+                ),
+            );
+            dialed.unwrap();
+            accepted.unwrap();
+            // Reads are exact: the log holds the handshake frames and no more.
+            let handshake = std::mem::take(&mut c.get_mut().log);
+            for w in wires {
+                for f in &w.frames {
+                    d.write_frame(f).await.unwrap();
+                }
+            }
+            d.flush().await.unwrap();
+            drop(d);
+            let mut records = Vec::new();
+            c.get_mut().read_to_end(&mut records).await.unwrap();
+            (handshake, records)
+        })
+    }
+
+    /// An acceptor that replays the captured handshake and then reads
+    /// `records`: the messages it delivers, and how it stopped.
+    fn replay(handshake: &[u8], records: &[u8]) -> (Vec<Incoming>, Option<P2pError>) {
+        let (_, acceptor, keys) = fixed_parties();
+        let input = [handshake, records].concat();
+        block_on(async {
+            let mut conn = reading(&input);
+            handshake::accept_with_fixed_ephemeral(&mut conn, &acceptor, &keys, remote(), &[4; 32])
+                .await
+                .expect("the replayed handshake is the captured one");
+            let mut messages = Vec::new();
+            loop {
+                match conn.read_message(1 << 20).await {
+                    Ok(Some(m)) => messages.push(m),
+                    Ok(None) => return (messages, None),
+                    Err(e) => return (messages, Some(e)),
+                }
+            }
+        })
+    }
+
+    /// Bytes a frame takes as records: a 23-byte header record, then its
+    /// payload in records of at most 65519 bytes, each with a 2-byte prefix
+    /// and a 16-byte tag.
+    fn sealed_len(frame: &Frame) -> usize {
+        let len = frame.payload_len();
+        23 + len + len.div_ceil(65519) * 18
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+
+        #[test]
+        fn records_deliver_what_was_sent(wires in arb_stream()) {
+            let (handshake, records) = capture(&wires);
+            let (messages, err) = replay(&handshake, &records);
+            prop_assert!(err.is_none(), "{:?}", err);
+            prop_assert_eq!(messages.len(), wires.len());
+        }
+
+        #[test]
+        fn an_altered_record_delivers_nothing_from_there_on(
+            wires in arb_stream(),
+            at in any::<prop::sample::Index>(),
+            xor in 1u8..=255,
+        ) {
+            let (handshake, mut records) = capture(&wires);
+            let at = at.index(records.len());
+            records[at] ^= xor;
+            let (messages, err) = replay(&handshake, &records);
+            // Which message the altered byte belonged to.
+            let mut ends = Vec::new();
+            let mut total = 0;
+            for w in &wires {
+                total += w.frames.iter().map(sealed_len).sum::<usize>();
+                ends.push(total);
+            }
+            prop_assert_eq!(total, records.len());
+            let hit = ends.iter().position(|&end| at < end).unwrap();
+            prop_assert_eq!(messages.len(), hit, "{:?}", err);
+            for (got, sent) in messages.iter().zip(&wires) {
+                prop_assert_eq!(&got.msg, &sent.msg);
+                prop_assert_eq!(got.body.as_deref(), sent.body.as_deref());
+            }
+            prop_assert!(
+                matches!(err, Some(P2pError::RecordAuth | P2pError::RecordLength { .. })),
+                "{:?}", err
+            );
         }
     }
 }

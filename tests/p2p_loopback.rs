@@ -13,9 +13,10 @@ mod p2p_loopback {
 
     use bytes::Bytes;
     use dfs::crypto::{ClusterSecret, Keys};
+    use dfs::identity::NodeKey;
     use dfs::p2p::{
-        self, Connection, Frame, HandshakeError, Identity, Limits, P2pError, PeerHandler, PeerInfo,
-        PeerPool, handshake,
+        self, BodyBudget, Connection, Frame, HandshakeError, Identity, Limits, P2pError,
+        PeerHandler, PeerInfo, PeerPool, handshake,
     };
     use dfs::proto::{
         GetChunk, Hello, Member, PeerError, PeerMessage, Ping, Pong, PutChunk, PutChunkReply,
@@ -92,10 +93,11 @@ mod p2p_loopback {
         Keys::derive(&ClusterSecret::generate())
     }
 
-    fn identity(node_id: &str) -> Identity {
+    /// A fresh node identity (a new key pair) advertising `name`.
+    fn identity(name: &str) -> Identity {
         Identity {
-            node_id: node_id.into(),
-            advertised_addr: format!("{node_id}.test:7000"),
+            key: NodeKey::generate(),
+            advertised_addr: format!("{name}.test:7000"),
         }
     }
 
@@ -141,26 +143,39 @@ mod p2p_loopback {
 
     struct Server {
         addr: String,
+        identity: Identity,
         stop: watch::Sender<bool>,
         task: JoinHandle<()>,
         handler: Arc<TestHandler>,
     }
 
     async fn start(keys: Keys, limits: Limits, handler: TestHandler) -> Server {
+        start_with_budget(keys, limits, handler, None).await
+    }
+
+    async fn start_with_budget(
+        keys: Keys,
+        limits: Limits,
+        handler: TestHandler,
+        budget: Option<Arc<dyn BodyBudget>>,
+    ) -> Server {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let (stop, stopped) = watch::channel(false);
         let handler = Arc::new(handler);
+        let identity = identity("server");
         let task = tokio::spawn(p2p::serve(
             listener,
-            identity("server"),
+            identity.clone(),
             keys,
             limits,
             handler.clone(),
+            budget,
             stopped,
         ));
         Server {
             addr,
+            identity,
             stop,
             task,
             handler,
@@ -224,7 +239,8 @@ mod p2p_loopback {
         assert_eq!(pong.members[0].addr, "127.0.0.1:7001");
         assert_eq!(pong.chunk_count, 42);
         assert!(reply.body.is_none() && !reply.msg.has_body);
-        assert_eq!(reply.peer.node_id, "server");
+        assert_eq!(reply.peer.node_id, server.identity.node_id());
+        assert_eq!(&reply.peer.public_key, server.identity.key.public());
         assert_eq!(reply.peer.advertised_addr, "server.test:7000");
         assert_eq!(reply.peer.remote.to_string(), server.addr);
     }
@@ -342,9 +358,7 @@ mod p2p_loopback {
             kind: Some(Kind::Hello(Hello {
                 magic: magic.into(),
                 version,
-                node_id: "old-node".into(),
-                advertised_addr: "127.0.0.1:1".into(),
-                nonce: Bytes::from_static(&[9; 32]),
+                noise: Bytes::from_static(&[9; 32]),
             })),
         };
         conn.write_frame(&Frame::message(&hello).unwrap())
@@ -356,15 +370,21 @@ mod p2p_loopback {
 
     #[tokio::test]
     async fn wrong_version_is_refused_with_the_reason_in_an_error_frame() {
+        // Version 1 is the plaintext protocol before Noise: a node of that
+        // version is told why in words its operator can act on.
         assert_eq!(
-            refused_hello("dfs-peer", 2).await,
-            "protocol version 2 is not supported (this node speaks 1)"
+            refused_hello("dfs-peer", 1).await,
+            "protocol version 1 is not supported (this node speaks 2)"
+        );
+        assert_eq!(
+            refused_hello("dfs-peer", 3).await,
+            "protocol version 3 is not supported (this node speaks 2)"
         );
     }
 
     #[tokio::test]
     async fn wrong_magic_is_refused_with_the_reason_in_an_error_frame() {
-        let reason = refused_hello("not-dfs", 1).await;
+        let reason = refused_hello("not-dfs", 2).await;
         assert!(reason.contains("bad magic \"not-dfs\""), "{reason}");
     }
 
@@ -372,54 +392,125 @@ mod p2p_loopback {
     async fn a_node_refuses_a_connection_to_itself() {
         let keys = keys();
         let server = start(keys.clone(), quick_limits(), TestHandler::default()).await;
-        let pool = PeerPool::new(identity("server"), keys, quick_limits());
+        let pool = PeerPool::new(server.identity.clone(), keys, quick_limits());
         match pool.request(&server.addr, ping(&[]), None).await {
             Err(P2pError::Handshake(HandshakeError::SelfConnection(id))) => {
-                assert_eq!(id, "server")
+                assert_eq!(id, server.identity.node_id())
             }
             other => panic!("{other:?}"),
         }
     }
 
-    /// Bytes a misbehaving peer sends, and whether it authenticates first.
-    const BAD_INPUTS: &[(&str, &[u8])] = &[
-        ("garbage", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
-        ("oversized length", &[1, 0xff, 0xff, 0xff, 0xff]),
-        ("unknown kind", &[9, 0, 0, 0, 1, 0]),
-        ("bad protobuf", &[1, 0, 0, 0, 3, 0xff, 0xff, 0xff]),
-        ("EOF mid-frame", &[1, 0, 0, 0, 10, 8, 1]),
-        ("EOF mid-header", &[1, 0]),
-        ("DATA before any message", &[2, 0, 0, 0, 1, 7]),
+    /// Frames a misbehaving peer sends (header, payload, unchecked), and a
+    /// piece of the reason the server must close with.
+    const BAD_FRAMES: &[(&str, [u8; 5], &[u8], &str)] = &[
+        (
+            "unknown kind",
+            [9, 0, 0, 0, 1],
+            &[0],
+            "unknown frame kind 9",
+        ),
+        (
+            "oversized length",
+            [1, 0xff, 0xff, 0xff, 0xff],
+            &[],
+            "exceeds the",
+        ),
+        (
+            "bad protobuf",
+            [1, 0, 0, 0, 3],
+            &[0xff, 0xff, 0xff],
+            "bad peer message",
+        ),
+        (
+            "DATA before any message",
+            [2, 0, 0, 0, 1],
+            &[7],
+            "unexpected DATA frame",
+        ),
+        (
+            "END of the wrong size",
+            [3, 0, 0, 0, 5],
+            &[0; 5],
+            "END frame of 5 bytes",
+        ),
     ];
 
+    /// A record of the right size for a frame header, not sealed by the
+    /// peer's key.
+    const FORGED_RECORD: [u8; 23] = {
+        let mut r = [0x55u8; 23];
+        r[0] = 0;
+        r[1] = 21;
+        r
+    };
+
+    /// Bytes written straight to the socket, around the record layer.
+    const RAW_BYTES: &[(&str, &[u8])] = &[
+        ("garbage", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+        ("a plaintext frame", &[1, 0, 0, 0, 2, 0x22, 0x00]),
+        ("a forged header record", &FORGED_RECORD),
+    ];
+
+    /// Reads what the server sends until it closes: its ERROR reason, if any.
+    /// Proves the server acted on the attack (it closed this connection).
+    async fn attack_outcome(conn: &mut Connection<TcpStream>) -> Option<String> {
+        closed_with(conn).await
+    }
+
     #[tokio::test]
-    async fn a_misbehaving_connection_is_closed_while_others_keep_working() {
+    async fn malformed_frames_before_and_after_the_handshake_close_only_their_connection() {
         let keys = keys();
         let server = start(keys.clone(), quick_limits(), TestHandler::default()).await;
         let pool = PeerPool::new(identity("client"), keys.clone(), quick_limits());
         pool.request(&server.addr, ping(&[]), None).await.unwrap();
         assert_eq!(pool.idle_connections(&server.addr), 1);
-
         for authenticated in [false, true] {
-            for (what, bytes) in BAD_INPUTS {
+            for (what, header, payload, reason) in BAD_FRAMES {
                 let mut conn = if authenticated {
                     raw_dial(&server.addr, &keys).await
                 } else {
                     Connection::new(TcpStream::connect(&server.addr).await.unwrap())
                 };
-                // Write the bytes and half-close, as a peer that gives up would.
-                conn.get_mut().write_all(bytes).await.unwrap();
-                conn.get_mut().shutdown().await.unwrap();
-                let reason = closed_with(&mut conn).await;
-                eprintln!("{what} (authenticated: {authenticated}): closed, ERROR {reason:?}");
-                if *what != "EOF mid-frame" && *what != "EOF mid-header" {
-                    assert!(reason.is_some(), "{what}: expected an ERROR frame");
-                }
+                eprintln!("attack {what} (authenticated: {authenticated})");
+                conn.write_unchecked(*header, payload).await.unwrap();
+                conn.flush().await.unwrap();
+                let got = attack_outcome(&mut conn).await;
+                let got = got.unwrap_or_else(|| panic!("{what} ({authenticated}): no ERROR"));
+                assert!(got.contains(reason), "{what} ({authenticated}): {got}");
                 // The pooled connection opened before is still served.
                 pool.request(&server.addr, ping(&[]), None).await.unwrap();
             }
         }
+        for (what, bytes) in RAW_BYTES {
+            eprintln!("raw attack {what}");
+            let mut conn = raw_dial(&server.addr, &keys).await;
+            conn.get_mut().write_all(bytes).await.unwrap();
+            conn.get_mut().flush().await.unwrap();
+            let got = attack_outcome(&mut conn).await;
+            let got = got.unwrap_or_else(|| panic!("{what}: no ERROR"));
+            assert!(
+                got.contains("record of") || got.contains("failed authentication"),
+                "{what}: {got}"
+            );
+            pool.request(&server.addr, ping(&[]), None).await.unwrap();
+        }
+        // Cut off inside a frame, before and after the handshake: closed
+        // without a reply (there is nobody left to read one).
+        for authenticated in [false, true] {
+            let mut conn = if authenticated {
+                raw_dial(&server.addr, &keys).await
+            } else {
+                Connection::new(TcpStream::connect(&server.addr).await.unwrap())
+            };
+            conn.get_mut().write_all(&[1, 0, 0]).await.unwrap();
+            conn.get_mut().shutdown().await.unwrap();
+            attack_outcome(&mut conn).await;
+        }
+        // Every request the handler saw came over the pool's one connection.
         assert_eq!(server.handler.distinct_remotes(), 1);
+        let served = server.handler.remotes.lock().unwrap().len();
+        assert_eq!(served, 1 + BAD_FRAMES.len() * 2 + RAW_BYTES.len());
     }
 
     async fn send_body_with_end(

@@ -30,6 +30,7 @@ pub use sync::ForgetError;
 use crate::{
     chunks::{ChunkError, Chunks},
     crypto::{ChunkId, IV_LEN, Keys},
+    identity::NodeKey,
     index::Index,
     p2p::{self, Identity, Limits, PeerPool},
     proto::{GetChunk, PeerMessage, PutChunk, peer_message::Kind},
@@ -139,6 +140,10 @@ impl ClusterConfig {
 /// The cluster state of one node.
 pub struct Cluster {
     node_id: String,
+    /// The static key the peer channel proves; `node_id` is derived from it.
+    key: NodeKey,
+    /// What request bodies from peers are paid from (the node's budget).
+    body_budget: OnceLock<Arc<dyn p2p::BodyBudget>>,
     cfg: ClusterConfig,
     keys: Keys,
     chunks: Arc<Chunks>,
@@ -154,16 +159,19 @@ pub struct Cluster {
 impl Cluster {
     /// A cluster of one until `start` is called.
     pub fn new(
-        node_id: String,
+        key: NodeKey,
         cfg: ClusterConfig,
         keys: Keys,
         chunks: Arc<Chunks>,
         index: Arc<Index>,
         members_file: Option<std::path::PathBuf>,
     ) -> Self {
+        let node_id = key.node_id().to_owned();
         Self {
             membership: Membership::load(&node_id, cfg.dead_after, members_file),
             node_id,
+            key,
+            body_budget: OnceLock::new(),
             cfg,
             keys,
             chunks,
@@ -194,7 +202,7 @@ impl Cluster {
             .clone()
             .unwrap_or_else(|| local.to_string());
         let identity = || Identity {
-            node_id: self.node_id.clone(),
+            key: self.key.clone(),
             advertised_addr: advertised.clone(),
         };
         let limits = Limits {
@@ -214,6 +222,7 @@ impl Cluster {
             self.keys.clone(),
             limits,
             handler,
+            self.body_budget.get().cloned(),
             shutdown.clone(),
         ));
         tokio::spawn(self.clone().membership_loop(shutdown.clone()));
@@ -221,6 +230,12 @@ impl Cluster {
         tokio::spawn(self.clone().repair_loop(shutdown));
         tracing::info!(p2p = %local, advertised = %advertised, peers = ?self.cfg.peers, "peer protocol listening");
         Ok(local)
+    }
+
+    /// Pays request bodies received from peers from `budget` (set once,
+    /// before `start`).
+    pub fn set_body_budget(&self, budget: Arc<dyn p2p::BodyBudget>) {
+        let _ = self.body_budget.set(budget);
     }
 
     /// This node's id.

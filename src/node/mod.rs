@@ -6,13 +6,14 @@
 //! size of transfers change how long they wait, never how much memory the
 //! node uses.
 
+mod body_budget;
 mod chunk_ids;
 mod data_dir;
 mod download;
 mod gc;
 mod upload;
 
-use std::{fs, path::Path, sync::Arc};
+use std::{fs, sync::Arc};
 
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -26,6 +27,7 @@ use crate::{
     cluster::{Cluster, ClusterError},
     config::NodeConfig,
     crypto::{ClusterSecret, Keys},
+    identity::NodeKey,
     index::{Index, IndexError},
     proto::{ObjectInfo, ObjectRecord, Version, get_record},
     store::{ChunkStore, StoreError},
@@ -172,7 +174,8 @@ impl Node {
         // Before anything in the directory is touched: a second node on a
         // live data dir must not empty the first one's tmp/.
         let lock = data_dir::open_locked(dir)?;
-        let id = load_or_create_node_id(dir)?;
+        let key = NodeKey::load_or_create(dir).map_err(|e| NodeError::Internal(e.to_string()))?;
+        let id = key.node_id().to_owned();
         let secret = load_or_create_secret(&cfg)?;
         let store = Arc::new(ChunkStore::open(dir, cfg.capacity)?);
         let index = Arc::new(Index::open_with_inline_limit(
@@ -199,16 +202,20 @@ impl Node {
         let mut cluster_cfg = cfg.cluster.clone();
         cluster_cfg.lease_ttl = lease_ttl;
         let cluster = Arc::new(Cluster::new(
-            id.clone(),
+            key,
             cluster_cfg,
             keys.clone(),
             chunks.clone(),
             index.clone(),
             Some(dir.join("members")),
         ));
+        let budget = BufferBudget::new(cfg.buffer_budget);
+        let reserve = cfg.chunk_size + crate::crypto::IV_LEN;
+        let peer_bodies = body_budget::PeerBodyBudget::new(budget.clone(), reserve);
+        cluster.set_body_budget(Arc::new(peer_bodies));
         Ok(Self {
             keys,
-            budget: BufferBudget::new(cfg.buffer_budget),
+            budget,
             chunks,
             index,
             cluster,
@@ -218,7 +225,7 @@ impl Node {
         })
     }
 
-    /// This node's persistent random id.
+    /// This node's id, derived from its static key (see `crate::identity`).
     pub fn id(&self) -> &str {
         &self.id
     }
@@ -341,23 +348,6 @@ pub fn parse_sha1(hex_text: &str) -> Result<[u8; 20], NodeError> {
 
 pub(crate) fn now_ms() -> u64 {
     crate::units::unix_ms()
-}
-
-fn load_or_create_node_id(dir: &Path) -> Result<String, NodeError> {
-    let path = dir.join("node.id");
-    match fs::read_to_string(&path) {
-        Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_owned()),
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(NodeError::Internal(format!("read {}: {e}", path.display()))),
-    }
-    let mut raw = [0u8; 8];
-    rand::Rng::fill_bytes(&mut rand::rng(), &mut raw);
-    let id = hex::encode(raw);
-    crate::fsutil::write_atomically(&path, format!("{id}\n").as_bytes(), 0o600)
-        .map_err(|e| NodeError::Internal(format!("write {}: {e}", path.display())))?;
-    tracing::info!(node_id = %id, "created a new node id");
-    Ok(id)
 }
 
 fn load_or_create_secret(cfg: &NodeConfig) -> Result<ClusterSecret, NodeError> {

@@ -1,7 +1,7 @@
 //! Node-level tests: the pipelines against a real store and index in a
 //! temporary directory, without gRPC.
 
-use std::{sync::Arc, time::Duration};
+use std::{path::Path, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use proptest::prelude::*;

@@ -79,6 +79,17 @@ pub enum P2pError {
     /// The peer sent an ERROR frame (and is closing the connection).
     #[error("peer reported a protocol error: {0}")]
     Remote(String),
+    /// A record's length prefix is not the one the frame layer expects
+    /// there (a dropped, inserted or reordered record, or a broken peer).
+    #[error("record of {got} bytes where {expected} were due")]
+    RecordLength { expected: usize, got: usize },
+    /// A record failed authentication: it was altered, replayed, reordered,
+    /// dropped before, or does not belong to this connection at all.
+    #[error("record failed authentication (tampered, replayed, reordered or foreign)")]
+    RecordAuth,
+    /// 2^64 - 1 records were sent on one connection; Noise forbids more.
+    #[error("record counter exhausted")]
+    NonceExhausted,
 }
 
 impl P2pError {
@@ -96,7 +107,9 @@ impl P2pError {
             | Self::BadMessage(_)
             | Self::BodyTooLarge { .. }
             | Self::BodyMismatch { .. }
-            | Self::UnexpectedFrame { .. } => true,
+            | Self::UnexpectedFrame { .. }
+            | Self::RecordLength { .. }
+            | Self::RecordAuth => true,
             Self::Handshake(e) => !matches!(e, HandshakeError::Rejected(_)),
             Self::Io(_)
             | Self::Timeout(_)
@@ -104,6 +117,7 @@ impl P2pError {
             | Self::Truncated(_)
             | Self::Closed
             | Self::EmptyBody
+            | Self::NonceExhausted
             | Self::Remote(_) => false,
         }
     }
@@ -131,15 +145,20 @@ pub enum HandshakeError {
     /// The peer speaks another protocol version.
     #[error("protocol version {theirs} is not supported (this node speaks {ours})")]
     VersionMismatch { theirs: u32, ours: u32 },
-    /// The peer's tag does not verify: it holds a different cluster secret
-    /// (or is an impostor). Also raised on the dialer when the acceptor
-    /// reports this failure in its ERROR frame.
+    /// A Noise handshake message does not verify: the peer holds a
+    /// different cluster secret, or the message was altered on the way.
+    /// Also raised on the dialer when the acceptor reports this failure in
+    /// its ERROR frame.
     #[error("{AUTH_FAILED_REASON}")]
     AuthFailed,
     /// The peer announced our own node id: we dialed ourselves. Also raised
     /// on the dialer when the acceptor reports this in its ERROR frame.
     #[error("refusing a connection to ourselves (node id {0})")]
     SelfConnection(String),
+    /// The peer's handshake names a node id that is not the one derived
+    /// from the static key it proved: a node speaking as another.
+    #[error("the peer claims node id {claimed} but its key is that of node {derived}")]
+    IdMismatch { claimed: String, derived: String },
     /// A message of the wrong kind or with malformed fields.
     #[error("unexpected handshake message: {0}")]
     Unexpected(String),
@@ -150,5 +169,5 @@ pub enum HandshakeError {
 
 /// The exact reason text of an authentication failure, on the wire and in
 /// logs; the dialer recognises it in the acceptor's ERROR frame.
-pub const AUTH_FAILED_REASON: &str =
-    "authentication failed: the peer holds a different cluster secret";
+pub const AUTH_FAILED_REASON: &str = "authentication failed: the peer holds a different cluster secret \
+     (or the handshake was altered on the way)";

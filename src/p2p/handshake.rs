@@ -1,159 +1,216 @@
 //! The handshake: the first exchange on every connection.
 //!
-//! Each side sends a `Hello` (magic, version, node id, advertised address, a
-//! fresh 32-byte nonce), then proves it holds the cluster secret with an
-//! HMAC-SHA256 tag over the transcript of both hellos, exact bytes as sent:
+//! Four MESSAGE frames, in the clear, carry a Noise `XXpsk3` handshake (see
+//! [`super::noise`]) and each side's [`NodeInfo`]:
 //!
 //! ```text
-//! transcript = "dfs-peer-auth-v1" || u32be(len(dialer hello)) || dialer hello
-//!                                 || u32be(len(acceptor hello)) || acceptor hello
-//! dialer tag   = HMAC(K_auth, "dialer"   || transcript)
-//! acceptor tag = HMAC(K_auth, "acceptor" || transcript)
+//! dialer   -> Hello{magic, version, noise: e}
+//! acceptor -> Hello{magic, version, noise: e, ee, s, es}
+//! dialer   -> Auth{noise: s, se, psk + NodeInfo}
+//! acceptor -> Auth{noise: transport message 0 = NodeInfo}
 //! ```
 //!
-//! Both nonces make every transcript fresh, so a recorded tag is worthless;
-//! the role prefixes make a tag useless in the other direction, so a peer
-//! cannot reflect the dialer's own tag back at it. The acceptor verifies the
-//! dialer before it sends its own tag, so a dialer without the secret learns
-//! nothing but a Hello. Each step waits at most the handshake timeout.
+//! Magic and version are checked before any cryptography, so peers of two
+//! versions refuse each other with a clear reason. Each side derives the
+//! other's node id from the static key the handshake proved and refuses a
+//! `NodeInfo` that claims another id, and a key that is its own (it dialed
+//! itself). The acceptor reveals nothing but its public key before the dialer
+//! has proved the cluster key, and the dialer trusts nothing from the
+//! acceptor before the last message has proved it too. Afterwards the
+//! connection carries only encrypted records. The whole handshake must finish
+//! within one timeout.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rand::Rng;
+use prost::Message;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::connection::{Connection, decode_message};
 use super::error::AUTH_FAILED_REASON;
 use super::frame::Frame;
+use super::noise::{Handshake, TAG_LEN};
 use super::{HandshakeError, Identity, P2pError, PeerInfo};
-use crate::crypto::{Keys, auth_tag};
-use crate::proto::{Auth, Hello, PeerMessage, peer_message::Kind};
+use crate::crypto::Keys;
+use crate::identity::{KEY_LEN, node_id_of};
+use crate::proto::{Auth, Hello, NodeInfo, PeerMessage, peer_message::Kind};
 
 /// The magic of every Hello: says "this is a dfs peer" before anything else.
 pub const MAGIC: &str = "dfs-peer";
 /// The protocol version this code speaks. Peers with any other version refuse
 /// each other; see "Versioning" in `docs/PROTOCOL.md`.
-pub const VERSION: u32 = 1;
-/// Length of each side's nonce.
-pub const NONCE_LEN: usize = 32;
-/// Longest node id or advertised address accepted in a Hello: both end up in
-/// logs and membership lists, so a peer may not make them huge.
+pub const VERSION: u32 = 2;
+/// Longest node id or advertised address accepted in a NodeInfo: both end up
+/// in logs and membership lists, so a peer may not make them huge.
 pub const MAX_HELLO_FIELD: usize = 256;
-/// The domain label that starts every transcript.
-const TRANSCRIPT_LABEL: &[u8] = b"dfs-peer-auth-v1";
+/// Cap on any frame before the handshake completes: its messages are a few
+/// hundred bytes, and a peer that has proved nothing gets no large buffer.
+pub const MAX_HANDSHAKE_FRAME: usize = 4096;
 
-/// The dialing side: sends its Hello, checks the acceptor's, then trades tags.
+/// An ephemeral key to use instead of a fresh one: reproducible examples
+/// and tests only (a reused ephemeral key gives up forward secrecy).
+type FixedEphemeral<'a> = Option<&'a [u8; KEY_LEN]>;
+
+/// The dialing side. On success the connection carries records.
 pub async fn dial<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     identity: &Identity,
     keys: &Keys,
-    step_timeout: Duration,
+    timeout: Duration,
     remote: SocketAddr,
 ) -> Result<PeerInfo, P2pError> {
-    let (ours, our_payload) = hello_frame(identity)?;
-    step(step_timeout, "sending hello", send(conn, &ours)).await?;
-    let their_payload = step(step_timeout, "waiting for hello", read_payload(conn)).await?;
-    let theirs = expect_hello(their_payload.clone(), &identity.node_id)?;
-    let transcript = transcript(&our_payload, &their_payload);
-
-    let tag = auth_tag(keys, &[b"dialer".as_slice(), &transcript].concat());
-    step(step_timeout, "sending auth", send(conn, &auth_frame(&tag)?)).await?;
-    let their_tag = step(step_timeout, "waiting for auth", read_payload(conn)).await?;
-    let expected = auth_tag(keys, &[b"acceptor".as_slice(), &transcript].concat());
-    if !tags_match(&expected, &expect_auth(their_tag)?) {
-        return Err(HandshakeError::AuthFailed.into());
-    }
-    Ok(peer_info(theirs, remote))
+    within(timeout, dial_steps(conn, identity, keys, remote, None)).await
 }
 
-/// The accepting side: checks the dialer's Hello, answers with its own,
-/// verifies the dialer's tag, then sends its own.
+/// The accepting side. On success the connection carries records.
 pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     identity: &Identity,
     keys: &Keys,
-    step_timeout: Duration,
+    timeout: Duration,
     remote: SocketAddr,
 ) -> Result<PeerInfo, P2pError> {
-    let their_payload = step(step_timeout, "waiting for hello", read_payload(conn)).await?;
-    let theirs = expect_hello(their_payload.clone(), &identity.node_id)?;
-    let (ours, our_payload) = hello_frame(identity)?;
-    step(step_timeout, "sending hello", send(conn, &ours)).await?;
-    let transcript = transcript(&their_payload, &our_payload);
-
-    let their_tag = step(step_timeout, "waiting for auth", read_payload(conn)).await?;
-    let expected = auth_tag(keys, &[b"dialer".as_slice(), &transcript].concat());
-    if !tags_match(&expected, &expect_auth(their_tag)?) {
-        return Err(HandshakeError::AuthFailed.into());
-    }
-    let tag = auth_tag(keys, &[b"acceptor".as_slice(), &transcript].concat());
-    step(step_timeout, "sending auth", send(conn, &auth_frame(&tag)?)).await?;
-    Ok(peer_info(theirs, remote))
+    within(timeout, accept_steps(conn, identity, keys, remote, None)).await
 }
 
-/// The transcript both tags are computed over (without the role prefix).
-pub fn transcript(dialer_hello: &[u8], acceptor_hello: &[u8]) -> Vec<u8> {
-    let mut t =
-        Vec::with_capacity(TRANSCRIPT_LABEL.len() + 8 + dialer_hello.len() + acceptor_hello.len());
-    t.extend_from_slice(TRANSCRIPT_LABEL);
-    for hello in [dialer_hello, acceptor_hello] {
-        // Hellos are MESSAGE payloads, capped far below u32::MAX.
-        t.extend_from_slice(&(hello.len() as u32).to_be_bytes());
-        t.extend_from_slice(hello);
-    }
-    t
+/// [`dial`] with a fixed ephemeral key, so that the bytes on the wire are
+/// reproducible (the examples of `docs/PROTOCOL.md`). Never in production.
+#[doc(hidden)]
+pub async fn dial_with_fixed_ephemeral<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    identity: &Identity,
+    keys: &Keys,
+    remote: SocketAddr,
+    ephemeral: &[u8; KEY_LEN],
+) -> Result<PeerInfo, P2pError> {
+    dial_steps(conn, identity, keys, remote, Some(ephemeral)).await
 }
 
-/// A Hello for `identity` with a fresh nonce, as a frame and its payload.
-fn hello_frame(identity: &Identity) -> Result<(Frame, Bytes), P2pError> {
-    let mut nonce = [0u8; NONCE_LEN];
-    rand::rng().fill_bytes(&mut nonce);
-    let msg = PeerMessage {
+/// [`accept`] with a fixed ephemeral key; see [`dial_with_fixed_ephemeral`].
+#[doc(hidden)]
+pub async fn accept_with_fixed_ephemeral<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    identity: &Identity,
+    keys: &Keys,
+    remote: SocketAddr,
+    ephemeral: &[u8; KEY_LEN],
+) -> Result<PeerInfo, P2pError> {
+    accept_steps(conn, identity, keys, remote, Some(ephemeral)).await
+}
+
+async fn dial_steps<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    identity: &Identity,
+    keys: &Keys,
+    remote: SocketAddr,
+    ephemeral: FixedEphemeral<'_>,
+) -> Result<PeerInfo, P2pError> {
+    let mut noise = Handshake::new(&identity.key, keys.peer_psk(), true, ephemeral)?;
+    send(conn, hello(noise.write(&[])?)).await?;
+    let theirs = expect_hello(read_payload(conn).await?)?;
+    noise.read(&theirs)?;
+    let their_key = noise
+        .remote_static()
+        .ok_or_else(|| unexpected("the second message carries no static key"))?;
+    let their_id = node_id_of(&their_key);
+    if &their_key == identity.key.public() {
+        return Err(HandshakeError::SelfConnection(their_id).into());
+    }
+    send(conn, auth(noise.write(&node_info(identity))?)).await?;
+    let (send_state, mut recv_state) = noise.split()?;
+    let mut sealed = expect_auth(read_payload(conn).await?)?.to_vec();
+    if sealed.len() < TAG_LEN {
+        return Err(unexpected("the acceptor's Auth is shorter than a tag"));
+    }
+    let tag_at = sealed.len() - TAG_LEN;
+    let (plain, tag) = sealed.split_at_mut(tag_at);
+    let tag: [u8; TAG_LEN] = (&*tag).try_into().expect("16-byte tag");
+    // The first message under the acceptor's transport key: it opens only
+    // if the acceptor mixed in the same pre-shared key.
+    recv_state
+        .open(plain, &tag)
+        .map_err(|_| HandshakeError::AuthFailed)?;
+    let info = check_info(plain, &their_id)?;
+    conn.secure(send_state, recv_state);
+    Ok(peer_info(their_id, their_key, info, remote))
+}
+
+async fn accept_steps<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    identity: &Identity,
+    keys: &Keys,
+    remote: SocketAddr,
+    ephemeral: FixedEphemeral<'_>,
+) -> Result<PeerInfo, P2pError> {
+    let theirs = expect_hello(read_payload(conn).await?)?;
+    let mut noise = Handshake::new(&identity.key, keys.peer_psk(), false, ephemeral)?;
+    noise.read(&theirs)?;
+    send(conn, hello(noise.write(&[])?)).await?;
+    let payload = noise.read(&expect_auth(read_payload(conn).await?)?)?;
+    let their_key = noise
+        .remote_static()
+        .ok_or_else(|| unexpected("the third message carries no static key"))?;
+    let their_id = node_id_of(&their_key);
+    if &their_key == identity.key.public() {
+        return Err(HandshakeError::SelfConnection(their_id).into());
+    }
+    let info = check_info(&payload, &their_id)?;
+    let (mut send_state, recv_state) = noise.split()?;
+    let mut sealed = node_info(identity);
+    let tag = send_state.seal(&mut sealed)?;
+    sealed.extend_from_slice(&tag);
+    send(conn, auth(sealed)).await?;
+    conn.secure(send_state, recv_state);
+    Ok(peer_info(their_id, their_key, info, remote))
+}
+
+fn hello(noise: Vec<u8>) -> PeerMessage {
+    PeerMessage {
         has_body: false,
         kind: Some(Kind::Hello(Hello {
             magic: MAGIC.to_owned(),
             version: VERSION,
-            node_id: identity.node_id.clone(),
-            advertised_addr: identity.advertised_addr.clone(),
-            nonce: Bytes::copy_from_slice(&nonce),
+            noise: noise.into(),
         })),
-    };
-    let frame = Frame::message(&msg)?;
-    let Frame::Message(payload) = &frame else {
-        unreachable!("Frame::message builds a MESSAGE frame")
-    };
-    let payload = payload.clone();
-    Ok((frame, payload))
+    }
 }
 
-fn auth_frame(tag: &[u8; 32]) -> Result<Frame, P2pError> {
-    Frame::message(&PeerMessage {
+fn auth(noise: Vec<u8>) -> PeerMessage {
+    PeerMessage {
         has_body: false,
         kind: Some(Kind::Auth(Auth {
-            tag: Bytes::copy_from_slice(tag),
+            noise: noise.into(),
         })),
-    })
+    }
+}
+
+fn node_info(identity: &Identity) -> Vec<u8> {
+    NodeInfo {
+        node_id: identity.node_id().to_owned(),
+        advertised_addr: identity.advertised_addr.clone(),
+    }
+    .encode_to_vec()
 }
 
 async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
-    frame: &Frame,
+    msg: PeerMessage,
 ) -> Result<(), P2pError> {
-    conn.write_frame(frame).await?;
+    conn.write_frame(&Frame::message(&msg)?).await?;
     conn.flush().await
 }
 
-/// Reads the next MESSAGE payload. An ERROR frame here is the peer refusing
-/// the handshake; its reason is kept, and the authentication failure and
-/// self-connection the acceptor reports are recognised as such, so that a
-/// dialer gets the same typed error as the acceptor.
+/// Reads the next MESSAGE payload (at most `MAX_HANDSHAKE_FRAME` bytes). An
+/// ERROR frame here is the peer refusing the handshake; its reason is kept,
+/// and the authentication failure and self-connection the acceptor reports
+/// are recognised as such, so that a dialer gets the same typed error as the
+/// acceptor.
 async fn read_payload<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
 ) -> Result<Bytes, P2pError> {
-    match conn.read_frame().await? {
+    match conn.read_frame_within(MAX_HANDSHAKE_FRAME).await? {
         Some(Frame::Message(payload)) => Ok(payload),
         Some(Frame::Error(reason)) if reason == AUTH_FAILED_REASON => {
             Err(HandshakeError::AuthFailed.into())
@@ -171,8 +228,9 @@ async fn read_payload<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Decodes and checks a Hello, in the order that gives the most useful
-/// reason: not a dfs peer at all, then the wrong version, then bad fields.
-fn expect_hello(payload: Bytes, own_node_id: &str) -> Result<Hello, P2pError> {
+/// reason: not a dfs peer at all, then the wrong version. Returns its Noise
+/// message.
+fn expect_hello(payload: Bytes) -> Result<Bytes, P2pError> {
     let msg = decode_message(payload)?;
     let hello = match msg.kind {
         Some(Kind::Hello(hello)) if !msg.has_body => hello,
@@ -193,21 +251,39 @@ fn expect_hello(payload: Bytes, own_node_id: &str) -> Result<Hello, P2pError> {
         }
         .into());
     }
-    if hello.nonce.len() != NONCE_LEN {
-        return Err(unexpected("the nonce must be 32 bytes"));
+    Ok(hello.noise)
+}
+
+fn expect_auth(payload: Bytes) -> Result<Bytes, P2pError> {
+    let msg = decode_message(payload)?;
+    match msg.kind {
+        Some(Kind::Auth(auth)) if !msg.has_body => Ok(auth.noise),
+        _ => Err(unexpected(
+            "the second message must be an Auth without a body",
+        )),
     }
-    if hello.node_id.is_empty() || hello.node_id.len() > MAX_HELLO_FIELD {
+}
+
+/// Decodes the peer's NodeInfo and checks it against the id derived from
+/// the key it proved.
+fn check_info(payload: &[u8], derived: &str) -> Result<NodeInfo, P2pError> {
+    let info = NodeInfo::decode(payload).map_err(|e| P2pError::BadMessage(e.to_string()))?;
+    if info.node_id.is_empty() || info.node_id.len() > MAX_HELLO_FIELD {
         return Err(unexpected("the node id must be 1 to 256 bytes"));
     }
-    if hello.advertised_addr.len() > MAX_HELLO_FIELD {
+    if info.advertised_addr.len() > MAX_HELLO_FIELD {
         return Err(unexpected(
             "the advertised address must be at most 256 bytes",
         ));
     }
-    if hello.node_id == own_node_id {
-        return Err(HandshakeError::SelfConnection(hello.node_id).into());
+    if info.node_id != derived {
+        return Err(HandshakeError::IdMismatch {
+            claimed: info.node_id,
+            derived: derived.to_owned(),
+        }
+        .into());
     }
-    Ok(hello)
+    Ok(info)
 }
 
 /// The node id in an acceptor's self-connection refusal, if `reason` is one.
@@ -216,60 +292,36 @@ fn self_connection_id(reason: &str) -> Option<String> {
     rest.strip_suffix(')').map(str::to_owned)
 }
 
-fn expect_auth(payload: Bytes) -> Result<Bytes, P2pError> {
-    let msg = decode_message(payload)?;
-    match msg.kind {
-        Some(Kind::Auth(auth)) if !msg.has_body => Ok(auth.tag),
-        _ => Err(unexpected(
-            "the second message must be an Auth without a body",
-        )),
-    }
-}
-
 fn unexpected(why: &str) -> P2pError {
     HandshakeError::Unexpected(why.to_owned()).into()
 }
 
-fn peer_info(hello: Hello, remote: SocketAddr) -> PeerInfo {
+fn peer_info(
+    node_id: String,
+    public_key: [u8; KEY_LEN],
+    info: NodeInfo,
+    remote: SocketAddr,
+) -> PeerInfo {
     PeerInfo {
-        node_id: hello.node_id,
-        advertised_addr: hello.advertised_addr,
+        node_id,
+        public_key,
+        advertised_addr: info.advertised_addr,
         remote,
     }
 }
 
-/// Compares a tag in time independent of where the first difference is, so
-/// response timing does not leak how much of a forged tag was right.
-fn tags_match(expected: &[u8; 32], got: &[u8]) -> bool {
-    if got.len() != expected.len() {
-        return false;
-    }
-    let diff = expected
-        .iter()
-        .zip(got)
-        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-    std::hint::black_box(diff) == 0
-}
-
-async fn step<T>(
+async fn within<T>(
     limit: Duration,
-    what: &'static str,
     fut: impl Future<Output = Result<T, P2pError>>,
 ) -> Result<T, P2pError> {
     tokio::time::timeout(limit, fut)
         .await
-        .map_err(|_| P2pError::Timeout(what))?
+        .map_err(|_| P2pError::Timeout("the handshake"))?
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn transcript_is_label_then_length_prefixed_hellos() {
-        let t = transcript(b"ab", b"xyz");
-        assert_eq!(t, b"dfs-peer-auth-v1\0\0\0\x02ab\0\0\0\x03xyz".to_vec());
-    }
 
     #[test]
     fn a_self_connection_refusal_is_recognised_from_its_reason() {
@@ -279,13 +331,21 @@ mod tests {
     }
 
     #[test]
-    fn tags_match_only_equal_tags() {
-        let tag = [7u8; 32];
-        assert!(tags_match(&tag, &tag));
-        let mut other = tag;
-        other[31] ^= 1;
-        assert!(!tags_match(&tag, &other));
-        assert!(!tags_match(&tag, &tag[..31]));
-        assert!(!tags_match(&tag, &[]));
+    fn a_claimed_id_must_be_the_derived_one() {
+        let info = NodeInfo {
+            node_id: "someone-else".into(),
+            advertised_addr: "127.0.0.1:1".into(),
+        }
+        .encode_to_vec();
+        assert!(matches!(
+            check_info(&info, "abc"),
+            Err(P2pError::Handshake(HandshakeError::IdMismatch { .. }))
+        ));
+        let good = NodeInfo {
+            node_id: "abc".into(),
+            advertised_addr: String::new(),
+        }
+        .encode_to_vec();
+        assert_eq!(check_info(&good, "abc").unwrap().node_id, "abc");
     }
 }

@@ -5,9 +5,14 @@
 //! (a bad frame, a failed handshake, a timeout) ends that connection alone,
 //! with a warn line naming the remote address and the reason; the accept loop
 //! and every other connection carry on.
+//!
+//! Before it has proved the cluster key, a connection gets little: the
+//! handshake's own timeout, small frames only, and at most
+//! `max_unauthenticated_per_source` such connections from one IP address.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use prost::Message;
@@ -17,7 +22,7 @@ use tracing::{debug, warn};
 
 use super::connection::{Connection, Incoming};
 use super::frame::{Frame, MAX_MESSAGE_LEN};
-use super::{Identity, Limits, P2pError, PeerHandler, PeerInfo, handshake};
+use super::{BodyBudget, Identity, Limits, P2pError, PeerHandler, PeerInfo, handshake};
 use crate::crypto::Keys;
 use crate::proto::{PeerError, PeerMessage, peer_message::Kind};
 
@@ -30,6 +35,46 @@ struct Context<H> {
     keys: Keys,
     limits: Limits,
     handler: Arc<H>,
+    budget: Option<Arc<dyn BodyBudget>>,
+    /// Connections still in their handshake, per source address.
+    unauthenticated: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One connection's place in the per-source count of unauthenticated
+/// connections; given back when the handshake ends, however it ends.
+struct PreAuthSlot<'a, H> {
+    ctx: &'a Context<H>,
+    ip: IpAddr,
+}
+
+impl<'a, H> PreAuthSlot<'a, H> {
+    /// A slot for `ip`, or `None` when that address holds its maximum.
+    fn take(ctx: &'a Context<H>, ip: IpAddr) -> Option<Self> {
+        let mut map = lock(&ctx.unauthenticated);
+        let count = map.entry(ip).or_insert(0);
+        if *count >= ctx.limits.max_unauthenticated_per_source.max(1) {
+            return None;
+        }
+        *count += 1;
+        Some(Self { ctx, ip })
+    }
+}
+
+impl<H> Drop for PreAuthSlot<'_, H> {
+    fn drop(&mut self) {
+        let mut map = lock(&self.ctx.unauthenticated);
+        if let Some(count) = map.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Counters stay consistent under panic: each update is one statement.
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Accepts peer connections until `shutdown` turns true (or its sender is
@@ -41,12 +86,17 @@ struct Context<H> {
 /// further dialers wait in the listen backlog, and their handshake timeout
 /// bounds that wait. Waiting rather than refusing keeps a burst of dials from
 /// turning into a burst of failures, and costs nothing while the node keeps up.
+///
+/// Request bodies are paid from `budget` when one is given (the node's
+/// buffer budget), so peers cannot make this node hold more body memory
+/// than its budget allows.
 pub async fn serve<H: PeerHandler>(
     listener: TcpListener,
     identity: Identity,
     keys: Keys,
     limits: Limits,
     handler: Arc<H>,
+    budget: Option<Arc<dyn BodyBudget>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let max = limits.max_connections.clamp(1, u32::MAX as usize);
@@ -56,6 +106,8 @@ pub async fn serve<H: PeerHandler>(
         keys,
         limits,
         handler,
+        budget,
+        unauthenticated: Mutex::new(HashMap::new()),
     });
     loop {
         let permit = tokio::select! {
@@ -103,6 +155,10 @@ async fn run_connection<H: PeerHandler>(
     mut shutdown: watch::Receiver<bool>,
     _permit: OwnedSemaphorePermit,
 ) {
+    let Some(slot) = PreAuthSlot::take(&ctx, remote.ip()) else {
+        debug!(%remote, "too many unauthenticated connections from this address; closing");
+        return;
+    };
     let mut conn = Connection::new(stream);
     let limits = &ctx.limits;
     let handshake = handshake::accept(
@@ -116,10 +172,12 @@ async fn run_connection<H: PeerHandler>(
         Ok(peer) => peer,
         Err(e) => {
             warn!(%remote, "refused a peer connection: {e}");
+            drop(slot);
             conn.close_after(&e).await;
             return;
         }
     };
+    drop(slot);
     debug!(%remote, node = %peer.node_id, "peer connected");
     loop {
         // Between requests: wait for the next one, the idle limit, or shutdown.
@@ -156,7 +214,10 @@ async fn answer<H: PeerHandler>(
     peer: &PeerInfo,
     ctx: &Context<H>,
 ) -> Result<(), P2pError> {
-    let Incoming { msg, body } = conn.finish_message(first, ctx.limits.max_body).await?;
+    let budget = ctx.budget.as_deref();
+    let Incoming { msg, body } = conn
+        .finish_message(first, ctx.limits.max_body, budget)
+        .await?;
     let (reply, reply_body) = ctx.handler.handle(peer, msg, body).await;
     let (mut reply, reply_body) = sanitize_reply(reply, reply_body);
     conn.write_message(&mut reply, reply_body.as_ref()).await
