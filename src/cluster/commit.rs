@@ -14,7 +14,6 @@ use crate::proto::{
 /// a logical counter; see `index`).
 const HLC_MS_SHIFT: u32 = 16;
 
-
 impl Cluster {
     /// Makes `record` durable on this node and on enough others for the
     /// write rule (W nodes, counted like chunk copies: only members that
