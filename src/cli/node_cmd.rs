@@ -193,6 +193,8 @@ fn node_gauges(node: Arc<Node>) -> metrics::Sampler {
             members_down: peers.len() as u64 - up,
             repair_backlog: node.cluster().repair_backlog(),
             peak_rss: grpc::peak_rss_bytes(),
+            budget_in_use: node.budget().in_use() as u64,
+            budget_waiters: node.budget().waiters() as u64,
         }
     })
 }

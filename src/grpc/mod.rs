@@ -45,6 +45,7 @@ pub fn node_status(e: NodeError) -> Status {
         NodeError::ResourceExhausted(_) => Code::ResourceExhausted,
         NodeError::Unavailable(_) => Code::Unavailable,
         NodeError::Cancelled(_) => Code::Cancelled,
+        NodeError::TimedOut(_) => Code::DeadlineExceeded,
         NodeError::Internal(_) => Code::Internal,
     };
     Status::new(code, e.to_string())

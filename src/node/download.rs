@@ -13,6 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::{Node, NodeError, Target};
 use crate::{
+    budget::DOWNLOAD_BUFFERS,
     crypto::{ChunkId, IV_LEN},
     proto::ObjectRecord,
     store::StoreError,
@@ -125,6 +126,8 @@ impl Node {
         let max_len = record.chunk_size as usize + IV_LEN;
         let mut window: VecDeque<(ChunkId, usize, usize, AbortOnDrop)> = VecDeque::new();
         let mut span = chunk_span(record.chunk_size.max(1) as u64, range);
+        // What this download holds at once is capped (see `crate::budget`).
+        let call = self.budget.call(DOWNLOAD_BUFFERS, max_len);
         loop {
             while window.len() < READ_AHEAD {
                 let Some((i, from, to)) = span.next() else {
@@ -140,7 +143,15 @@ impl Node {
                         .await;
                     return;
                 };
-                let permit = self.budget.acquire(max_len).await;
+                // Paid at the chunk's own length: a small object's chunk is a
+                // small request, never queued behind whole chunks.
+                let permit = match call.acquire(sealed_len(&record, i, max_len)).await {
+                    Ok(permit) => permit,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                };
                 let node = self.clone();
                 let read =
                     tokio::spawn(
@@ -186,7 +197,7 @@ impl Node {
         id: ChunkId,
         max_len: usize,
         needed: usize,
-        permit: tokio::sync::OwnedSemaphorePermit,
+        permit: crate::budget::BudgetPermit,
     ) -> ReadResult {
         let (store, keys) = (self.store.clone(), self.keys.clone());
         let mut buf = self.budget.take_buffer(max_len);
@@ -260,6 +271,13 @@ impl Node {
         }
         NodeError::from(e)
     }
+}
+
+/// The sealed length of chunk `i` of `record` (at most `max_len`).
+fn sealed_len(record: &ObjectRecord, i: usize, max_len: usize) -> usize {
+    let chunk = u64::from(record.chunk_size.max(1));
+    let plain = record.size.saturating_sub(i as u64 * chunk).min(chunk);
+    (plain as usize + IV_LEN).min(max_len)
 }
 
 /// Checks that an opened chunk buffer holds the `needed` plaintext bytes.

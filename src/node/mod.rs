@@ -17,9 +17,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use bytes::Bytes;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-
+pub use crate::budget::{BudgetError, BudgetPermit, BufferBudget, CallBudget};
 pub use download::{ByteRange, Download, chunk_span};
 pub use gc::GcReport;
 pub use upload::UploadMeta;
@@ -54,8 +52,18 @@ pub enum NodeError {
     Unavailable(String),
     #[error("{0}")]
     Cancelled(String),
+    /// A call ran out of time: no progress for the idle timeout, or past
+    /// its deadline.
+    #[error("{0}")]
+    TimedOut(String),
     #[error("{0}")]
     Internal(String),
+}
+
+impl From<BudgetError> for NodeError {
+    fn from(e: BudgetError) -> Self {
+        Self::ResourceExhausted(e.to_string())
+    }
 }
 
 impl From<StoreError> for NodeError {
@@ -91,50 +99,6 @@ impl From<IndexError> for NodeError {
 pub enum Target {
     Key(String),
     Sha1(String),
-}
-
-/// The node-wide budget for chunk buffers, in bytes.
-#[derive(Clone)]
-pub struct BufferBudget {
-    sem: Arc<Semaphore>,
-    total: usize,
-}
-
-impl BufferBudget {
-    fn new(total: usize) -> Self {
-        Self {
-            sem: Arc::new(Semaphore::new(total)),
-            total,
-        }
-    }
-
-    /// An empty buffer with room for `capacity` bytes, reused when possible.
-    pub fn take_buffer(&self, capacity: usize) -> Vec<u8> {
-        crate::bufpool::take(capacity)
-    }
-
-    /// Shares `data` as [`Bytes`] holding `permit`; both return (to the
-    /// budget and the buffer pool) when the last reference is dropped.
-    pub fn lend(&self, data: Vec<u8>, permit: OwnedSemaphorePermit) -> Bytes {
-        crate::bufpool::lend(data, permit)
-    }
-
-    /// Waits until `bytes` of budget are free and takes them. A request larger
-    /// than the whole budget takes the whole budget rather than waiting forever.
-    pub async fn acquire(&self, bytes: usize) -> OwnedSemaphorePermit {
-        let n = bytes.clamp(1, self.total) as u32;
-        // The semaphore is never closed, so acquiring cannot fail.
-        self.sem
-            .clone()
-            .acquire_many_owned(n)
-            .await
-            .expect("budget semaphore is never closed")
-    }
-
-    /// Bytes of budget not held by any transfer right now.
-    pub fn available(&self) -> usize {
-        self.sem.available_permits()
-    }
 }
 
 /// Chunks that in-progress uploads have written but not yet committed; the
@@ -212,7 +176,7 @@ impl Node {
         ));
         Ok(Self {
             keys,
-            budget: BufferBudget::new(cfg.buffer_budget),
+            budget: BufferBudget::new(cfg.buffer_budget, cfg.chunk_size, cfg.budget_wait),
             store,
             index,
             cluster,
@@ -256,7 +220,7 @@ impl Node {
     /// know is asked of its peers first, so an object is readable through
     /// any node as soon as its upload returned.
     pub async fn resolve(&self, target: &Target) -> Result<ObjectRecord, NodeError> {
-        if let Some(found) = self.resolve_local(target)? {
+        if let Some(found) = self.resolve_local(target).await? {
             return Ok(found);
         }
         let ask = match target {
@@ -264,7 +228,7 @@ impl Node {
             Target::Sha1(s) => get_record::Target::Sha1(parse_sha1(s)?.to_vec().into()),
         };
         if self.cluster.lookup(ask).await
-            && let Some(found) = self.resolve_local(target)?
+            && let Some(found) = self.resolve_local(target).await?
         {
             return Ok(found);
         }
@@ -274,17 +238,22 @@ impl Node {
         })
     }
 
-    fn resolve_local(&self, target: &Target) -> Result<Option<ObjectRecord>, NodeError> {
-        Ok(match target {
+    /// Looks `target` up in the local index, on a blocking thread: a redb
+    /// read may wait for the disk.
+    async fn resolve_local(&self, target: &Target) -> Result<Option<ObjectRecord>, NodeError> {
+        let index = self.index.clone();
+        let lookup = match target {
             Target::Key(key) => {
                 validate_key(key)?;
-                self.index.get_live(key)?
+                let key = key.clone();
+                tokio::task::spawn_blocking(move || index.get_live(&key)).await
             }
             Target::Sha1(hex) => {
                 let sha1 = parse_sha1(hex)?;
-                self.index.get_by_sha1(&sha1)?
+                tokio::task::spawn_blocking(move || index.get_by_sha1(&sha1)).await
             }
-        })
+        };
+        Ok(lookup.map_err(|e| NodeError::Internal(format!("index lookup stopped: {e}")))??)
     }
 
     /// Replaces the object under `key` with a tombstone. Its chunks are
@@ -299,7 +268,11 @@ impl Node {
             deleted: true,
             ..Default::default()
         };
-        self.index.apply(&tombstone)?;
+        // The commit fsyncs: keep it off the async worker threads.
+        let (index, committed) = (self.index.clone(), tombstone.clone());
+        tokio::task::spawn_blocking(move || index.apply(&committed))
+            .await
+            .map_err(|e| NodeError::Internal(format!("index commit stopped: {e}")))??;
         self.cluster.publish(&tombstone).await;
         Ok(version)
     }
