@@ -31,7 +31,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a storage node
-    Node(NodeArgs),
+    Node(Box<NodeArgs>),
     /// Upload a file
     Put(client_cmds::PutArgs),
     /// Download a file
@@ -109,7 +109,7 @@ pub fn duration_arg(text: &str) -> Result<std::time::Duration, String> {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Node(args) => node_cmd::run(args),
+        Command::Node(args) => node_cmd::run(*args),
         Command::Keygen(args) => keygen(args),
         other => run_client(other),
     };

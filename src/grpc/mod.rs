@@ -7,12 +7,14 @@
 mod auth;
 mod cluster;
 pub mod codec;
+pub mod conn;
+pub mod limits;
 mod storage;
 
 use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
-use tonic::{Code, Status, transport::server::TcpIncoming};
+use tonic::{Code, Status};
 
 pub use auth::BearerAuth;
 pub use cluster::{ClusterService, peak_rss_bytes, peak_rss_of};
@@ -32,8 +34,6 @@ pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
 pub const STREAM_WINDOW_BYTES: u32 = 2 << 20;
 /// HTTP/2 flow-control window per connection (shared by its streams).
 pub const CONNECTION_WINDOW_BYTES: u32 = 4 << 20;
-/// Concurrent streams per client connection; bounds per-connection work.
-pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 
 /// The status code for each kind of node error.
 pub fn node_status(e: NodeError) -> Status {
@@ -79,6 +79,39 @@ pub struct ServeOptions {
     pub addr_file: Option<PathBuf>,
     /// How long in-flight requests may run after shutdown begins.
     pub shutdown_grace: Duration,
+    /// Limits that keep slow or hostile clients from stalling the node.
+    pub limits: ServeLimits,
+}
+
+/// The gRPC port's limits (see `conn` and `limits`).
+#[derive(Debug, Clone)]
+pub struct ServeLimits {
+    /// A transfer that makes no progress this long is cut off; a connection
+    /// with no call this long is closed.
+    pub idle_timeout: Duration,
+    /// Client connections open at once.
+    pub max_connections: usize,
+    /// Concurrent streams (calls) per connection.
+    pub max_streams_per_connection: u32,
+    /// dfs calls in flight at once, node-wide; more are shed.
+    pub max_calls: usize,
+    /// HTTP/2 PING interval on idle connections.
+    pub keepalive_interval: Duration,
+    /// How long a PING may go unanswered before the connection is closed.
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for ServeLimits {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(300),
+            max_connections: 256,
+            max_streams_per_connection: 64,
+            max_calls: 512,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(20),
+        }
+    }
 }
 
 /// Binds the gRPC address (refusing nothing: the caller chose it).
@@ -117,13 +150,26 @@ pub async fn serve(
         .build_v1alpha()?;
 
     let auth = BearerAuth::new(opts.auth_token.clone());
-    let storage = StorageServer::new(StorageService::new(node.clone()))
+    let lim = &opts.limits;
+    let storage = StorageServer::new(StorageService::new(node.clone(), lim.idle_timeout))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let cluster = ClusterServer::new(ClusterService::new(
         node.clone(),
         local.to_string(),
         opts.p2p_addr.clone(),
+    ));
+
+    let call_limits =
+        limits::CallLimits::new(lim.max_calls, lim.idle_timeout, node.budget().clone());
+    let connections = conn::Connections::new(lim.max_connections);
+    connections.spawn_reaper(lim.idle_timeout);
+    // Health follows saturation until shutdown, which turns it off for good.
+    let shutting_down = Arc::new(tokio::sync::Mutex::new(false));
+    tokio::spawn(health_follows_saturation(
+        health_reporter.clone(),
+        call_limits.clone(),
+        shutting_down.clone(),
     ));
 
     // Shutdown: stop advertising health first, then stop the server; the
@@ -133,6 +179,8 @@ pub async fn serve(
     tokio::spawn(async move {
         shutdown.await;
         tracing::info!("shutting down: health NOT_SERVING, draining in-flight requests");
+        let mut down = shutting_down.lock().await;
+        *down = true;
         reporter
             .set_not_serving::<StorageServer<StorageService>>()
             .await;
@@ -142,16 +190,21 @@ pub async fn serve(
         reporter
             .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
+        drop(down);
         let _ = drain_tx.send(());
     });
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
-        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .max_concurrent_streams(lim.max_streams_per_connection)
         .max_frame_size(1 << 20)
-        // Outermost, so calls the auth interceptor refuses are counted too.
+        .http2_keepalive_interval(Some(lim.keepalive_interval))
+        .http2_keepalive_timeout(Some(lim.keepalive_timeout))
+        // Outermost, so calls the auth interceptor refuses (and shed calls)
+        // are counted too.
         .layer(crate::metrics::GrpcMetricsLayer::new(known_methods()))
+        .layer(limits::CallLimitsLayer::new(call_limits))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -162,10 +215,8 @@ pub async fn serve(
         .add_service(tonic::service::interceptor::InterceptedService::new(
             cluster, auth,
         ))
-        // Without TCP_NODELAY, HTTP/2 window updates sit behind Nagle's
-        // algorithm for a delayed-ACK period (40 ms) and stall uploads.
         .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            connections.incoming(listener),
             async move {
                 let _ = drain_rx.await;
                 let _ = drained_tx.send(());
@@ -186,6 +237,49 @@ pub async fn serve(
         }
     }
     Ok(())
+}
+
+/// How often health is brought in line with saturation.
+const HEALTH_EVERY: Duration = Duration::from_millis(250);
+
+/// Keeps health NOT_SERVING while the node is saturated (see
+/// [`limits::CallLimits::saturated`]), so a mesh or load balancer sends
+/// traffic elsewhere, and SERVING again once it recovers; stops at shutdown.
+async fn health_follows_saturation(
+    reporter: tonic_health::server::HealthReporter,
+    limits: Arc<limits::CallLimits>,
+    shutting_down: Arc<tokio::sync::Mutex<bool>>,
+) {
+    let mut serving = true;
+    loop {
+        tokio::time::sleep(HEALTH_EVERY).await;
+        let healthy = !limits.saturated();
+        if healthy == serving {
+            continue;
+        }
+        let down = shutting_down.lock().await;
+        if *down {
+            return;
+        }
+        let status = if healthy {
+            tracing::info!("no longer saturated: health SERVING");
+            tonic_health::ServingStatus::Serving
+        } else {
+            tracing::warn!(
+                calls = limits.in_flight(),
+                "saturated (calls or buffer memory): health NOT_SERVING"
+            );
+            tonic_health::ServingStatus::NotServing
+        };
+        reporter.set_service_status("", status).await;
+        reporter
+            .set_service_status(
+                <StorageServer<StorageService> as tonic::server::NamedService>::NAME,
+                status,
+            )
+            .await;
+        serving = healthy;
+    }
 }
 
 /// Every method this server answers, for the metrics layer's labels.

@@ -1,12 +1,12 @@
 //! `dfs.v1.Storage`: translates between protobuf and the node's pipelines.
 
-use std::{pin::Pin, sync::Arc};
+use std::{pin::Pin, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{node_status, status_error};
+use super::{limits::IdleLimited, node_status, status_error};
 use crate::{
     node::{Node, NodeError, Target, UploadMeta, object_info},
     proto::{
@@ -24,11 +24,13 @@ const MAX_PAGE: usize = 1000;
 /// The Storage service over one node.
 pub struct StorageService {
     node: Arc<Node>,
+    /// An upload whose client sends nothing this long is cancelled.
+    idle: Duration,
 }
 
 impl StorageService {
-    pub fn new(node: Arc<Node>) -> Self {
-        Self { node }
+    pub fn new(node: Arc<Node>, idle: Duration) -> Self {
+        Self { node, idle }
     }
 }
 
@@ -41,9 +43,14 @@ impl Storage for StorageService {
         request: Request<Streaming<UploadRequest>>,
     ) -> Result<Response<UploadResponse>, Status> {
         let mut stream = request.into_inner();
-        let first = stream
-            .message()
+        let first = tokio::time::timeout(self.idle, stream.message())
             .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "no upload header within {:?} (--idle-timeout)",
+                    self.idle
+                ))
+            })?
             .map_err(|s| node_status(status_error(s)))?;
         let header = match first {
             Some(UploadRequest {
@@ -77,7 +84,8 @@ impl Storage for StorageService {
             )),
             Err(status) => Err(status_error(status)),
         });
-        let record = self.node.upload(meta, Box::pin(data)).await.map_err(|e| {
+        let data = IdleLimited::new(Box::pin(data), self.idle);
+        let record = self.node.upload(meta, data).await.map_err(|e| {
             tracing::warn!(key = %key, error = %e, "upload failed");
             node_status(e)
         })?;
@@ -147,11 +155,14 @@ impl Storage for StorageService {
                     })?,
             ),
         };
-        let page = self
-            .node
-            .index()
-            .list(&req.prefix, after.as_deref(), limit)
-            .map_err(|e| node_status(e.into()))?;
+        let node = self.node.clone();
+        // A redb read may wait for the disk: keep it off the async threads.
+        let page = tokio::task::spawn_blocking(move || {
+            node.index().list(&req.prefix, after.as_deref(), limit)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("list stopped: {e}")))?
+        .map_err(|e| node_status(e.into()))?;
         let next_page_token = match (page.more, page.records.last()) {
             (true, Some(last)) => hex::encode(last.key.as_bytes()),
             _ => String::new(),
