@@ -10,11 +10,18 @@
 //!   [`DOWNLOAD_BUFFERS`]). A call that asks for more waits for its *own*
 //!   buffers to be released; it never takes more from the node.
 //! - **Small requests are never queued behind large ones.** A quarter of the
-//!   budget is a reserve that only small requests (at most
+//!   budget is a reserve for small requests (at most
 //!   [`BufferBudget::small_limit`], a sixteenth of a chunk: the first buffer
-//!   of every upload, a small object's chunk) may take. Large requests share
-//!   the rest in arrival order. So calls that stall holding whole chunks can
-//!   fill the bulk part, but small objects keep flowing.
+//!   of every upload, a small object's chunk); large requests (whole chunks)
+//!   share the rest. Each part grants in arrival order. So calls that stall
+//!   holding whole chunks can fill the bulk part, but small objects keep
+//!   flowing.
+//! - **No call waits while holding bulk budget it cannot use.** Bulk budget
+//!   is only ever held by whole chunk buffers that move on without needing
+//!   more (an upload's first buffer grows from its small size to a whole
+//!   chunk in one step). Were small requests or partly grown buffers to hold
+//!   slices of the bulk part while waiting for more, enough of them at once
+//!   would wait on each other until their waits timed out.
 //! - **Waiting is bounded.** A request that cannot be granted within the
 //!   wait limit (`--budget-wait`) fails with [`BudgetError::Exhausted`]
 //!   (`RESOURCE_EXHAUSTED` to a client), and when [`MAX_WAITERS`] calls are
@@ -43,7 +50,7 @@ pub const UPLOAD_BUFFERS: usize = 4;
 pub const DOWNLOAD_BUFFERS: usize = 3;
 /// Calls that may wait for budget at once; more are refused at once. Each
 /// waiting call pins at most one HTTP/2 stream window of unread data.
-pub const MAX_WAITERS: usize = 64;
+pub const MAX_WAITERS: usize = 32;
 /// How long the reserve for small requests may have a waiter before the
 /// node counts as saturated (health NOT_SERVING, new transfers shed).
 pub const SATURATED_AFTER: Duration = Duration::from_secs(1);
@@ -225,9 +232,9 @@ impl BufferBudget {
         crate::bufpool::lend(data, permit)
     }
 
-    /// Takes `bytes` of node budget, waiting at most the wait limit. A
-    /// request larger than the part of the budget it may use takes all of
-    /// that part rather than waiting forever.
+    /// Takes `bytes` of node budget, waiting at most the wait limit: a small
+    /// request from the reserve, a large one from the bulk part. A request
+    /// larger than the bulk part takes all of it rather than waiting forever.
     pub async fn acquire(&self, bytes: usize) -> Result<BudgetPermit, BudgetError> {
         let started = Instant::now();
         let result = self.acquire_inner(bytes).await;
@@ -235,22 +242,57 @@ impl BufferBudget {
         result
     }
 
+    /// Takes `bytes` of node budget if it is free now (never ahead of a
+    /// waiting request).
+    pub fn try_acquire(&self, bytes: usize) -> Option<BudgetPermit> {
+        let (pool, n, permit) = self.pool_for(bytes);
+        let granted = pool.clone().try_acquire_many_owned(n).ok().map(permit);
+        if granted.is_some() {
+            crate::metrics::budget_waited(Duration::ZERO, true);
+        }
+        granted
+    }
+
+    /// The pool a request of `bytes` draws from, how many permits it takes,
+    /// and how to wrap them.
+    fn pool_for(
+        &self,
+        bytes: usize,
+    ) -> (
+        &Arc<Semaphore>,
+        u32,
+        impl Fn(OwnedSemaphorePermit) -> BudgetPermit + use<>,
+    ) {
+        let inner = &*self.inner;
+        let small = bytes <= inner.small_limit;
+        let (pool, n) = if small {
+            (&inner.reserve, bytes.max(1) as u32)
+        } else {
+            (&inner.bulk, bytes.min(inner.bulk_size) as u32)
+        };
+        let permit = move |p: OwnedSemaphorePermit| {
+            if small {
+                BudgetPermit {
+                    reserve: Some(p),
+                    ..Default::default()
+                }
+            } else {
+                BudgetPermit {
+                    bulk: Some(p),
+                    ..Default::default()
+                }
+            }
+        };
+        (pool, n, permit)
+    }
+
     async fn acquire_inner(&self, bytes: usize) -> Result<BudgetPermit, BudgetError> {
         let inner = &*self.inner;
         let small = bytes <= inner.small_limit;
-        let n = bytes.clamp(1, inner.bulk_size) as u32;
+        let (pool, n, permit) = self.pool_for(bytes);
         // Fast path: no waiting, so no bookkeeping.
-        if small && let Ok(p) = inner.reserve.clone().try_acquire_many_owned(n) {
-            return Ok(BudgetPermit {
-                reserve: Some(p),
-                ..Default::default()
-            });
-        }
-        if let Ok(p) = inner.bulk.clone().try_acquire_many_owned(n) {
-            return Ok(BudgetPermit {
-                bulk: Some(p),
-                ..Default::default()
-            });
+        if let Ok(p) = pool.clone().try_acquire_many_owned(n) {
+            return Ok(permit(p));
         }
         let _waiting = {
             let mut waiters = inner.lock_waiters();
@@ -264,24 +306,16 @@ impl BufferBudget {
             waiters.insert(id, (Instant::now(), small));
             Waiting { inner, id }
         };
-        let reserve = async {
-            if small {
-                inner.reserve.clone().acquire_many_owned(n).await.ok()
-            } else {
-                std::future::pending().await
-            }
-        };
         // The semaphores are never closed, so an acquire never fails; a
         // failure would only end this wait early with an error.
-        tokio::select! {
-            p = reserve => p
-                .map(|p| BudgetPermit { reserve: Some(p), ..Default::default() })
-                .ok_or_else(|| inner.exhausted("the budget was closed".into(), bytes)),
-            p = inner.bulk.clone().acquire_many_owned(n) => p
-                .map(|p| BudgetPermit { bulk: Some(p), ..Default::default() })
-                .map_err(|_| inner.exhausted("the budget was closed".into(), bytes)),
-            () = tokio::time::sleep(inner.wait_limit) => Err(inner.exhausted(
-                format!("waited {:?} (--budget-wait) without any coming free", inner.wait_limit),
+        match tokio::time::timeout(inner.wait_limit, pool.clone().acquire_many_owned(n)).await {
+            Ok(Ok(p)) => Ok(permit(p)),
+            Ok(Err(_)) => Err(inner.exhausted("the budget was closed".into(), bytes)),
+            Err(_) => Err(inner.exhausted(
+                format!(
+                    "waited {:?} (--budget-wait) without any coming free",
+                    inner.wait_limit
+                ),
                 bytes,
             )),
         }
@@ -323,6 +357,16 @@ impl CallBudget {
         let mut permit = self.node.acquire(bytes).await?;
         permit.call = Some(own);
         Ok(permit)
+    }
+
+    /// Takes `bytes` for this call only if its cap and the node have them
+    /// free now.
+    pub fn try_acquire(&self, bytes: usize) -> Option<BudgetPermit> {
+        let n = bytes.clamp(1, self.cap_bytes) as u32;
+        let own = self.cap.clone().try_acquire_many_owned(n).ok()?;
+        let mut permit = self.node.try_acquire(bytes)?;
+        permit.call = Some(own);
+        Some(permit)
     }
 
     /// An empty buffer with room for `capacity` bytes, reused when possible.

@@ -119,8 +119,8 @@ pub struct LimitArgs {
     /// Client connections open at once; at the cap the longest-idle one is closed for a new one
     #[arg(long, env = "DFS_MAX_CONNECTIONS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
-    /// Concurrent calls (HTTP/2 streams) per client connection
-    #[arg(long, env = "DFS_MAX_STREAMS_PER_CONNECTION", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Concurrent calls (HTTP/2 streams) per client connection (1..=256)
+    #[arg(long, env = "DFS_MAX_STREAMS_PER_CONNECTION", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub max_streams_per_connection: u32,
     /// dfs calls in flight at once, node-wide; more are refused RESOURCE_EXHAUSTED at once
     #[arg(long, env = "DFS_MAX_CALLS", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]

@@ -200,39 +200,36 @@ impl Connections {
         listener: TcpListener,
     ) -> impl Stream<Item = Result<ManagedIo, io::Error>> + use<> {
         let registry = self.clone();
-        futures_util::stream::unfold(
-            (listener, registry),
-            |(listener, registry)| async move {
-                loop {
-                    let (socket, remote) = match listener.accept().await {
-                        Ok(accepted) => accepted,
-                        Err(e) => {
-                            // Out of file descriptors, usually: wait, do not spin.
-                            tracing::warn!(error = %e, "cannot accept a gRPC connection");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            continue;
-                        }
-                    };
-                    // Without TCP_NODELAY, HTTP/2 window updates sit behind
-                    // Nagle's algorithm for a delayed-ACK period and stall uploads.
-                    let _ = socket.set_nodelay(true);
-                    let Some((id, state)) = registry.admit(Some(remote)) else {
-                        metrics::connection_closed(ConnClosed::Refused);
-                        tracing::debug!(remote = %remote, "refusing a gRPC connection: at --max-connections, none idle");
-                        drop(socket);
+        futures_util::stream::unfold((listener, registry), |(listener, registry)| async move {
+            loop {
+                let (socket, remote) = match listener.accept().await {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // Out of file descriptors, usually: wait, do not spin.
+                        tracing::warn!(error = %e, "cannot accept a gRPC connection");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
-                    };
-                    metrics::connection(true);
-                    let io = ManagedIo {
-                        io: socket,
-                        id,
-                        state,
-                        registry: registry.inner.clone(),
-                    };
-                    return Some((Ok(io), (listener, registry)));
-                }
-            },
-        )
+                    }
+                };
+                // Without TCP_NODELAY, HTTP/2 window updates sit behind
+                // Nagle's algorithm for a delayed-ACK period and stall uploads.
+                let _ = socket.set_nodelay(true);
+                let Some((id, state)) = registry.admit(Some(remote)) else {
+                    metrics::connection_closed(ConnClosed::Refused);
+                    tracing::debug!(remote = %remote, "refusing a gRPC connection: at --max-connections, none idle");
+                    drop(socket);
+                    continue;
+                };
+                metrics::connection(true);
+                let io = ManagedIo {
+                    io: socket,
+                    id,
+                    state,
+                    registry: registry.inner.clone(),
+                };
+                return Some((Ok(io), (listener, registry)));
+            }
+        })
     }
 
     /// Closes connections idle for `idle`, every second, until the process ends.
@@ -335,7 +332,10 @@ mod tests {
         assert!(idle.is_closed(), "the idle connection was closed");
         assert!(!busy.is_closed(), "a connection with a call running stays");
         newcomer.call_started();
-        assert!(conns.admit(None).is_none(), "every connection busy: refused");
+        assert!(
+            conns.admit(None).is_none(),
+            "every connection busy: refused"
+        );
         newcomer.call_ended();
         assert_eq!(newcomer.active_calls(), 0);
     }

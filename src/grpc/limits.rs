@@ -162,7 +162,10 @@ where
             .flatten()
             .map(|d| Instant::now() + d);
         let conn = req.extensions().get::<ConnInfo>().map(|c| c.0.clone());
-        let guard = Arc::new(CallGuard::begin(conn, (!exempt).then(|| self.limits.clone())));
+        let guard = Arc::new(CallGuard::begin(
+            conn,
+            (!exempt).then(|| self.limits.clone()),
+        ));
         let idle = self.limits.idle;
         let response = self.inner.call(req);
         Box::pin(async move {
@@ -229,10 +232,7 @@ enum Kind<B> {
     /// A shed call: headers only.
     Empty,
     /// A body that only needs its call counted.
-    Plain {
-        body: B,
-        guard: Arc<CallGuard>,
-    },
+    Plain { body: B, guard: Arc<CallGuard> },
     /// A body a watchdog may cut off.
     Watched(Arc<Watched<B>>),
 }

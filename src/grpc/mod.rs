@@ -28,12 +28,29 @@ use crate::{
 /// Largest gRPC message the node decodes. An upload's data messages must fit;
 /// clients send far smaller ones (the dfs CLI sends 1 MiB).
 pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
-/// HTTP/2 flow-control window per stream. The 64 KiB protocol default caps a
-/// single upload at a few hundred window updates per second; 2 MiB lets one
-/// stream run at disk speed while bounding what one stream can buffer.
+/// A dfs client's HTTP/2 receive window per stream. The 64 KiB protocol
+/// default caps a single download at a few hundred window updates per
+/// second; 2 MiB lets one stream run at disk speed.
 pub const STREAM_WINDOW_BYTES: u32 = 2 << 20;
-/// HTTP/2 flow-control window per connection (shared by its streams).
+/// A dfs client's HTTP/2 receive window per connection.
 pub const CONNECTION_WINDOW_BYTES: u32 = 4 << 20;
+/// The node's HTTP/2 receive window per stream: what a client may send on
+/// one call before the node reads it. Large enough for one upload to run at
+/// disk speed; small, because a call that is not reading (waiting for
+/// buffer budget, or for its own pipeline) keeps that much buffered.
+pub const SERVER_STREAM_WINDOW_BYTES: u32 = 512 << 10;
+
+/// The node's HTTP/2 receive window per connection: room for every stream
+/// it allows at once. A smaller one would let streams that wait for buffer
+/// budget, their data unread, use up the connection's window, so that a
+/// call already holding budget on the same connection could never receive
+/// the rest of its chunk: the two would wait on each other.
+pub fn server_connection_window(max_streams: u32) -> u32 {
+    max_streams
+        .max(1)
+        .saturating_mul(SERVER_STREAM_WINDOW_BYTES)
+        .min(i32::MAX as u32)
+}
 
 /// The status code for each kind of node error.
 pub fn node_status(e: NodeError) -> Status {
@@ -195,8 +212,8 @@ pub async fn serve(
     });
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
-        .initial_stream_window_size(STREAM_WINDOW_BYTES)
-        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .initial_stream_window_size(SERVER_STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(server_connection_window(lim.max_streams_per_connection))
         .max_concurrent_streams(lim.max_streams_per_connection)
         .max_frame_size(1 << 20)
         .http2_keepalive_interval(Some(lim.keepalive_interval))
@@ -215,13 +232,10 @@ pub async fn serve(
         .add_service(tonic::service::interceptor::InterceptedService::new(
             cluster, auth,
         ))
-        .serve_with_incoming_shutdown(
-            connections.incoming(listener),
-            async move {
-                let _ = drain_rx.await;
-                let _ = drained_tx.send(());
-            },
-        );
+        .serve_with_incoming_shutdown(connections.incoming(listener), async move {
+            let _ = drain_rx.await;
+            let _ = drained_tx.send(());
+        });
 
     if let Some(path) = &opts.addr_file {
         write_addr_file(path, &local.to_string())?;

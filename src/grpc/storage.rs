@@ -117,7 +117,7 @@ impl Storage for StorageService {
             msg: Some(download_response::Msg::Info(object_info(&download.record))),
         };
         let key = download.record.key.clone();
-        let data = download.data.map(move |item| match item {
+        let data = SplitMessages::new(download.data).map(move |item| match item {
             Ok(bytes) => Ok(data_message(bytes)),
             Err(e) => {
                 tracing::warn!(key = %key, error = %e, "download failed");
@@ -183,6 +183,48 @@ impl Storage for StorageService {
         Ok(Response::new(DeleteResponse {
             version: Some(version),
         }))
+    }
+}
+
+/// Largest data message sent to a client. Each one is copied as it is
+/// encoded, and HTTP/2 holds up to two of them for a client that reads
+/// slowly, outside the buffer budget: small messages keep that small.
+const SENT_MESSAGE_BYTES: usize = 256 << 10;
+
+/// Cuts the node's data into messages of at most [`SENT_MESSAGE_BYTES`]
+/// (slices of the same buffers: no copy).
+struct SplitMessages<S> {
+    inner: S,
+    rest: Bytes,
+}
+
+impl<S> SplitMessages<S> {
+    fn new(inner: S) -> Self {
+        Self {
+            inner,
+            rest: Bytes::new(),
+        }
+    }
+}
+
+impl<S> Stream for SplitMessages<S>
+where
+    S: Stream<Item = Result<Bytes, NodeError>> + Unpin,
+{
+    type Item = Result<Bytes, NodeError>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        if self.rest.is_empty() {
+            match std::task::ready!(Pin::new(&mut self.inner).poll_next(cx)) {
+                Some(Ok(bytes)) => self.rest = bytes,
+                other => return std::task::Poll::Ready(other),
+            }
+        }
+        let n = self.rest.len().min(SENT_MESSAGE_BYTES);
+        std::task::Poll::Ready(Some(Ok(self.rest.split_to(n))))
     }
 }
 

@@ -125,12 +125,12 @@ impl Node {
         let ids: Vec<ChunkId> = record.chunk_id_list().collect();
         let max_len = record.chunk_size as usize + IV_LEN;
         let mut window: VecDeque<(ChunkId, usize, usize, AbortOnDrop)> = VecDeque::new();
-        let mut span = chunk_span(record.chunk_size.max(1) as u64, range);
+        let mut span = chunk_span(record.chunk_size.max(1) as u64, range).peekable();
         // What this download holds at once is capped (see `crate::budget`).
         let call = self.budget.call(DOWNLOAD_BUFFERS, max_len);
         loop {
             while window.len() < READ_AHEAD {
-                let Some((i, from, to)) = span.next() else {
+                let Some(&(i, from, to)) = span.peek() else {
                     break;
                 };
                 let Some(id) = ids.get(i).copied() else {
@@ -144,14 +144,26 @@ impl Node {
                     return;
                 };
                 // Paid at the chunk's own length: a small object's chunk is a
-                // small request, never queued behind whole chunks.
-                let permit = match call.acquire(sealed_len(&record, i, max_len)).await {
-                    Ok(permit) => permit,
-                    Err(e) => {
-                        let _ = tx.send(Err(e.into())).await;
-                        return;
+                // small request, never queued behind whole chunks. Reading
+                // ahead takes only budget that is free now: waiting for it
+                // while holding chunks read but not yet sent, downloads could
+                // wait on each other for good. With none held, waiting is safe.
+                let len = sealed_len(&record, i, max_len);
+                let permit = if window.is_empty() {
+                    match call.acquire(len).await {
+                        Ok(permit) => permit,
+                        Err(e) => {
+                            let _ = tx.send(Err(e.into())).await;
+                            return;
+                        }
+                    }
+                } else {
+                    match call.try_acquire(len) {
+                        Some(permit) => permit,
+                        None => break,
                     }
                 };
+                span.next();
                 let node = self.clone();
                 let read =
                     tokio::spawn(

@@ -206,9 +206,10 @@ impl Node {
         if needed <= chunk.data.capacity() {
             return Ok(());
         }
-        let target = (chunk.data.capacity() * 2)
-            .max(needed)
-            .min(IV_LEN + self.cfg.chunk_size);
+        // From the small first buffer straight to a whole chunk: a buffer
+        // growing by steps would hold part of the budget while waiting for
+        // more, and enough uploads doing that at once wait on each other.
+        let target = IV_LEN + self.cfg.chunk_size;
         let more = call.acquire(target - chunk.data.capacity()).await?;
         chunk.permit.merge(more);
         chunk.data.reserve_exact(target - chunk.data.len());
