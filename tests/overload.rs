@@ -420,13 +420,13 @@ async fn a_transfer_without_budget_ends_resource_exhausted() {
     upload(&mut storage, "small0", &pseudo_random(7, 1000), 1000)
         .await
         .expect("upload small0");
-    // Five uploads each holding a whole chunk buffer fill the part of the
-    // budget whole chunks may use.
-    let chunk = pseudo_random(6, BIG_CHUNK);
+    // Five uploads one byte short of a chunk, each holding a whole chunk
+    // buffer, fill the part of the budget whole chunks may use.
+    let chunk = pseudo_random(6, BIG_CHUNK - 1);
     let mut stalled = Vec::new();
     for i in 0..5 {
         let ch = node.channel().await;
-        stalled.push(stalled_upload(ch, &format!("hold-{i}"), &[&chunk, b"x"]).await);
+        stalled.push(stalled_upload(ch, &format!("hold-{i}"), &[&chunk]).await);
     }
     wait_for_metrics(&metrics, Duration::from_secs(20), "bulk full", |s| {
         metric(s, "dfs_budget_in_use_bytes", &[]).unwrap_or(0.0) >= 5.0 * BIG_CHUNK as f64
@@ -460,12 +460,12 @@ async fn a_transfer_without_budget_ends_resource_exhausted() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_saturated_node_sheds_new_transfers_and_says_so_in_health() {
     let (node, metrics) = node_with_metrics(&["--budget-wait", "30s"]).await;
-    // Whole chunks fill the bulk part...
-    let chunk = pseudo_random(9, BIG_CHUNK);
+    // Uploads one byte short of a chunk fill the bulk part...
+    let chunk = pseudo_random(9, BIG_CHUNK - 1);
     let mut stalled = Vec::new();
     for i in 0..5 {
         let ch = node.channel().await;
-        stalled.push(stalled_upload(ch, &format!("bulk-{i}"), &[&chunk, b"x"]).await);
+        stalled.push(stalled_upload(ch, &format!("bulk-{i}"), &[&chunk]).await);
     }
     // ...and uploads that sent one byte each hold a small first buffer
     // (16 KiB + 16 with 256 KiB chunks) until the reserve is gone too.

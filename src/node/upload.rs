@@ -142,9 +142,11 @@ impl Node {
     {
         let chunk_size = self.cfg.chunk_size;
         let mut total: u64 = 0;
-        // A small first buffer, so a 4 KiB object takes a small request's
-        // worth of budget (never queued behind large ones), not a chunk.
-        let mut next_capacity = (call.node().small_limit() - IV_LEN).min(chunk_size);
+        // A chunk buffer starts small unless the data in hand is already
+        // larger: a 4 KiB object, or an upload that stalls one byte into a
+        // chunk, holds a small request's worth of budget (never queued
+        // behind large ones), not a whole chunk.
+        let small = (call.node().small_limit() - IV_LEN).min(chunk_size);
         let mut buf: Option<ChunkBuf> = None;
         loop {
             let piece = tokio::select! {
@@ -159,7 +161,14 @@ impl Node {
             while !piece.is_empty() {
                 let chunk = match buf.as_mut() {
                     Some(c) => c,
-                    None => buf.insert(self.new_chunk_buf(call, next_capacity).await?),
+                    None => {
+                        let capacity = if piece.len() > small {
+                            chunk_size
+                        } else {
+                            small
+                        };
+                        buf.insert(self.new_chunk_buf(call, capacity).await?)
+                    }
                 };
                 let room = chunk_size - (chunk.data.len() - IV_LEN);
                 let take = room.min(piece.len());
@@ -167,8 +176,6 @@ impl Node {
                 chunk.data.extend_from_slice(&piece.split_to(take));
                 if chunk.data.len() - IV_LEN == chunk_size {
                     let full = buf.take().expect("buffer was just filled");
-                    // Later chunks of a large upload are allocated whole at once.
-                    next_capacity = chunk_size;
                     if out.send(full).await.is_err() {
                         return Err(NodeError::Internal("upload pipeline stopped".into()));
                     }
@@ -206,13 +213,16 @@ impl Node {
         if needed <= chunk.data.capacity() {
             return Ok(());
         }
-        // From the small first buffer straight to a whole chunk: a buffer
-        // growing by steps would hold part of the budget while waiting for
-        // more, and enough uploads doing that at once wait on each other.
-        let target = IV_LEN + self.cfg.chunk_size;
-        let more = call.acquire(target - chunk.data.capacity()).await?;
-        chunk.permit.merge(more);
-        chunk.data.reserve_exact(target - chunk.data.len());
+        // From the small buffer straight to a whole chunk, paid anew, the
+        // small one's budget given back: a buffer growing by steps would
+        // hold part of the budget while waiting for more (enough uploads
+        // doing that at once wait on each other), and a whole chunk must not
+        // keep the reserve that small requests need.
+        let whole = IV_LEN + self.cfg.chunk_size;
+        let permit = call.acquire(whole).await?;
+        let mut data = call.take_buffer(whole);
+        data.extend_from_slice(&chunk.data);
+        *chunk = ChunkBuf { data, permit };
         Ok(())
     }
 
