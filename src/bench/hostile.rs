@@ -81,7 +81,10 @@ pub(super) async fn run(
     let before = mix(client.clone(), ops, "quiet-before").await?;
     print_mix("quiet, before", &before, None);
 
-    let mut hostile = hold_hostile_load(addr, &p2p, client.clone()).await?;
+    let rss_quiet = peak_rss();
+    store_big_object(client.clone()).await?;
+    let rss_big = peak_rss();
+    let mut hostile = hold_hostile_load(addr, &p2p).await?;
     tokio::time::sleep(SETTLE).await;
     // A fresh connection: idle ones may have been closed to make room.
     let client = Client::connect(addr, std::env::var("DFS_TOKEN").ok()).await?;
@@ -102,8 +105,15 @@ pub(super) async fn run(
         errors: before.errors + after.errors,
     };
     print_mix("hostile", &loaded, Some(&quiet));
-    let rss_text = rss.map_or("unknown".into(), format_size);
-    println!("  node peak RSS (VmHWM) up to the end of the hostile run: {rss_text}");
+    let text = |r: Option<u64>| r.map_or("unknown".into(), format_size);
+    println!(
+        "  node peak RSS (VmHWM): {} after the quiet run, {} after storing the {} object \
+         the stalled downloads read, {} at the end of the hostile run",
+        text(rss_quiet),
+        text(rss_big),
+        format_size(BIG_OBJECT),
+        text(rss)
+    );
     let throughput = loaded.ops_per_sec / quiet.ops_per_sec;
     let p99 = loaded.p99.as_secs_f64() / quiet.p99.as_secs_f64().max(1e-9);
     let met = |ok: bool| if ok { "met" } else { "MISSED" };
@@ -210,8 +220,8 @@ async fn channel(addr: &str) -> anyhow::Result<Channel> {
         .await?)
 }
 
-/// Opens every hostile call and socket and returns once they are in place.
-async fn hold_hostile_load(addr: &str, p2p: &str, mut client: Client) -> anyhow::Result<Hostile> {
+/// Stores the object the stalled downloads read.
+async fn store_big_object(mut client: Client) -> anyhow::Result<()> {
     let header = UploadHeader {
         key: "bench-hostile/big".into(),
         ..Default::default()
@@ -219,6 +229,11 @@ async fn hold_hostile_load(addr: &str, p2p: &str, mut client: Client) -> anyhow:
     client
         .upload(header, RandomReader::new(BIG_OBJECT, 0xb16), |_| {})
         .await?;
+    Ok(())
+}
+
+/// Opens every hostile call and socket and returns once they are in place.
+async fn hold_hostile_load(addr: &str, p2p: &str) -> anyhow::Result<Hostile> {
     let mut hostile = Hostile {
         _downloads: Vec::new(),
         download_errors: Vec::new(),
