@@ -76,8 +76,10 @@ pub(super) async fn run(
     println!(
         "hostile bench: {CLIENTS} clients x 4 KiB put/get mix ({ops} operations per run), node {addr}"
     );
-    // Warm-up, not reported: connections, the index, the allocator.
-    mix(client.clone(), ops / 4, "warm-up").await?;
+    // Warm-up, not reported: connections, the index, the allocator, and
+    // the chunk store's shard directories (a first write into each costs a
+    // mkdir and two fsyncs, which would make the first run look slow).
+    mix(client.clone(), ops, "warm-up").await?;
     let before = mix(client.clone(), ops, "quiet-before").await?;
     print_mix("quiet, before", &before, None);
 
@@ -97,11 +99,12 @@ pub(super) async fn run(
     let after = mix(client.clone(), ops, "quiet-after").await?;
     print_mix("quiet, after", &after, None);
     // The machine's own drift shows as the difference between the two
-    // quiet runs; the hostile run is compared with their mean.
+    // quiet runs; the hostile run is compared with the better of them
+    // (higher rate, lower latencies), the stricter comparison.
     let quiet = MixResult {
-        ops_per_sec: (before.ops_per_sec + after.ops_per_sec) / 2.0,
-        p50: (before.p50 + after.p50) / 2,
-        p99: (before.p99 + after.p99) / 2,
+        ops_per_sec: before.ops_per_sec.max(after.ops_per_sec),
+        p50: before.p50.min(after.p50),
+        p99: before.p99.min(after.p99),
         errors: before.errors + after.errors,
     };
     print_mix("hostile", &loaded, Some(&quiet));
@@ -141,7 +144,7 @@ pub(super) async fn run(
 fn print_mix(name: &str, r: &MixResult, quiet: Option<&MixResult>) {
     let ratio = quiet.map_or(String::new(), |q| {
         format!(
-            "  (= {:.2} x quiet rate, p99 {:.2} x)",
+            "  (= {:.2} x the better quiet rate, p99 {:.2} x)",
             r.ops_per_sec / q.ops_per_sec,
             r.p99.as_secs_f64() / q.p99.as_secs_f64().max(1e-9)
         )
