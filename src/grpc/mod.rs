@@ -157,15 +157,7 @@ pub async fn serve(
         .set_serving::<ClusterServer<ClusterService>>()
         .await;
 
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
-
+    let (reflection_v1, reflection_v1alpha) = reflection()?;
     let auth = BearerAuth::new(opts.auth_token.clone());
     let lim = &opts.limits;
     let storage = StorageServer::new(StorageService::new(node.clone(), lim.idle_timeout))
@@ -192,22 +184,9 @@ pub async fn serve(
     // Shutdown: stop advertising health first, then stop the server; the
     // drain is bounded so one stuck client cannot hold the process forever.
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
-    let reporter = health_reporter.clone();
     tokio::spawn(async move {
         shutdown.await;
-        tracing::info!("shutting down: health NOT_SERVING, draining in-flight requests");
-        let mut down = shutting_down.lock().await;
-        *down = true;
-        reporter
-            .set_not_serving::<StorageServer<StorageService>>()
-            .await;
-        reporter
-            .set_not_serving::<ClusterServer<ClusterService>>()
-            .await;
-        reporter
-            .set_service_status("", tonic_health::ServingStatus::NotServing)
-            .await;
-        drop(down);
+        stop_serving(health_reporter, shutting_down).await;
         let _ = drain_tx.send(());
     });
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
@@ -253,6 +232,25 @@ pub async fn serve(
     Ok(())
 }
 
+/// Turns health NOT_SERVING for good: shutdown has begun.
+async fn stop_serving(
+    reporter: tonic_health::server::HealthReporter,
+    shutting_down: Arc<tokio::sync::Mutex<bool>>,
+) {
+    tracing::info!("shutting down: health NOT_SERVING, draining in-flight requests");
+    let mut down = shutting_down.lock().await;
+    *down = true;
+    reporter
+        .set_not_serving::<StorageServer<StorageService>>()
+        .await;
+    reporter
+        .set_not_serving::<ClusterServer<ClusterService>>()
+        .await;
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+}
+
 /// How often health is brought in line with saturation.
 const HEALTH_EVERY: Duration = Duration::from_millis(250);
 
@@ -294,6 +292,28 @@ async fn health_follows_saturation(
             .await;
         serving = healthy;
     }
+}
+
+/// Server reflection, v1 and v1alpha (grpcurl 1.8 speaks only v1alpha),
+/// with the health service's descriptors too.
+#[allow(clippy::type_complexity)]
+fn reflection() -> anyhow::Result<(
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+)> {
+    let v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    Ok((v1, v1alpha))
 }
 
 /// Every method this server answers, for the metrics layer's labels.
