@@ -611,19 +611,47 @@ async fn connections_are_capped_and_idle_ones_closed() {
         metric(s, "dfs_grpc_requests_in_flight", &[("method", "Upload")]) == Some(1.0)
     })
     .await;
+    let evicted = |s: &Samples| {
+        metric(
+            s,
+            "dfs_grpc_connections_closed_total",
+            &[("reason", "evicted")],
+        )
+        .unwrap_or(0.0)
+    };
+    let before = evicted(&scrape(&metrics).await);
     for _ in 0..6 {
         idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Proof that each newcomer made room (the busy one had its chance to go)...
+    wait_for_metrics(&metrics, Duration::from_secs(10), "6 evictions", |s| {
+        evicted(s) >= before + 6.0
+    })
+    .await;
+    // ...and the busy connection was not the one closed: its upload still
+    // completes once the client finishes it.
     assert!(!upload.call.is_finished(), "the busy connection was kept");
+    drop(upload.tx);
+    let info = tokio::time::timeout(Duration::from_secs(10), upload.call)
+        .await
+        .expect("the upload completes")
+        .expect("upload task")
+        .expect("the busy connection's upload succeeds");
+    assert_eq!(info.size, 1);
     // Idle sockets are closed after --idle-timeout.
     let mut last = idle.pop().unwrap();
     assert!(
         closed_within(&mut last, Duration::from_secs(15)).await,
         "an idle connection stays open past --idle-timeout"
     );
-    upload.call.abort();
-    drop(upload.tx);
+    let samples = scrape(&metrics).await;
+    assert!(
+        metric(
+            &samples,
+            "dfs_grpc_connections_closed_total",
+            &[("reason", "idle")]
+        ) >= Some(1.0)
+    );
 }
 
 /// Many concurrent transfers wait for buffer budget rather than allocate:
