@@ -28,6 +28,9 @@ pub struct NodeConfig {
     pub capacity: Option<u64>,
     /// Node-wide bound on bytes of chunk buffers held by transfers at once.
     pub buffer_budget: usize,
+    /// Longest a transfer waits for buffer budget before it fails with
+    /// `RESOURCE_EXHAUSTED`.
+    pub budget_wait: Duration,
     /// File holding the cluster secret; `None` means `<data_dir>/cluster.key`,
     /// created on first start.
     pub cluster_key_file: Option<PathBuf>,
@@ -52,6 +55,7 @@ impl NodeConfig {
             gc_interval: Duration::from_secs(600),
             capacity: None,
             buffer_budget: 32 << 20,
+            budget_wait: crate::budget::DEFAULT_WAIT,
             cluster_key_file: None,
             cluster: crate::cluster::ClusterConfig::new("127.0.0.1:4040".into()),
             scrub: crate::chunks::ScrubConfig {
@@ -76,6 +80,9 @@ impl NodeConfig {
                 "buffer budget {} is too small for chunk size {}: needs at least two chunks",
                 self.buffer_budget, self.chunk_size
             ));
+        }
+        if self.budget_wait.is_zero() {
+            return Err("budget wait must be positive".into());
         }
         if self.gc_interval.is_zero() {
             return Err("gc interval must be positive".into());

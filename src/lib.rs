@@ -4,6 +4,7 @@
 //! `grpc -> node -> (crypto, store, index)`. See `docs/ARCHITECTURE.md`.
 
 pub mod bench;
+pub mod budget;
 pub mod bufpool;
 pub mod chunks;
 pub mod cli;

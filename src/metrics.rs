@@ -73,6 +73,31 @@ pub const REPAIRED: &str = "dfs_repair_chunks_total";
 pub const VERIFY_FAILURES: &str = "dfs_chunk_verification_failures_total";
 /// Peak resident set size of the node process.
 pub const PEAK_RSS: &str = "dfs_process_peak_rss_bytes";
+/// Seconds each request for buffer budget waited (most are served at once).
+pub const BUDGET_WAIT: &str = "dfs_budget_wait_seconds";
+/// Requests for buffer budget refused: the wait limit passed, or too many
+/// calls were already waiting.
+pub const BUDGET_EXHAUSTED: &str = "dfs_budget_exhausted_total";
+/// Bytes of buffer budget held by transfers now.
+pub const BUDGET_IN_USE: &str = "dfs_budget_in_use_bytes";
+/// Calls waiting for buffer budget now.
+pub const BUDGET_WAITERS: &str = "dfs_budget_waiters";
+/// Calls refused at once because the node was saturated, by reason
+/// (`calls`: `--max-calls` in flight; `budget`: no budget even for small
+/// transfers).
+pub const CALLS_SHED: &str = "dfs_grpc_calls_shed_total";
+/// Calls the node cut off, by method and reason (`idle`: no progress for
+/// `--idle-timeout`; `deadline`: past the client's `grpc-timeout`).
+pub const CALLS_TIMED_OUT: &str = "dfs_grpc_calls_timed_out_total";
+/// Client connections open now.
+pub const CONNECTIONS: &str = "dfs_grpc_connections";
+/// Client connections accepted.
+pub const CONNECTIONS_ACCEPTED: &str = "dfs_grpc_connections_accepted_total";
+/// Client connections the node closed, by reason (`refused`: over
+/// `--max-connections` with none idle; `evicted`: idle, closed for a new
+/// one; `idle`: no call for `--idle-timeout`; `stalled`: its only call was
+/// cut off).
+pub const CONNECTIONS_CLOSED: &str = "dfs_grpc_connections_closed_total";
 
 /// How long a scrape connection may take in all; keeps a stuck client from
 /// holding one of the few connection slots.
@@ -85,6 +110,11 @@ const MAX_SCRAPE_CONNECTIONS: usize = 8;
 const DURATION_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
     120.0, 300.0, 900.0,
+];
+/// Histogram buckets for budget waits, in seconds: from served at once to
+/// the longest `--budget-wait` anyone would set.
+const BUDGET_WAIT_BUCKETS: &[f64] = &[
+    0.0001, 0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
 /// Where a chunk that failed verification came from.
@@ -169,6 +199,82 @@ pub fn verification_failed(copy: BadCopy) {
     counter!(VERIFY_FAILURES, "source" => copy.label()).increment(1);
 }
 
+/// Records one request for buffer budget: how long it waited and whether
+/// it was granted.
+pub fn budget_waited(waited: Duration, granted: bool) {
+    histogram!(BUDGET_WAIT).record(waited.as_secs_f64());
+    if !granted {
+        counter!(BUDGET_EXHAUSTED).increment(1);
+    }
+}
+
+/// Why a call was refused at once.
+#[derive(Clone, Copy, Debug)]
+pub enum Shed {
+    /// `--max-calls` calls were in flight.
+    Calls,
+    /// Not even small transfers could get buffer budget.
+    Budget,
+}
+
+/// Counts a call refused at once.
+pub fn shed(reason: Shed) {
+    let label = match reason {
+        Shed::Calls => "calls",
+        Shed::Budget => "budget",
+    };
+    counter!(CALLS_SHED, "reason" => label).increment(1);
+}
+
+/// Why the node cut a call off.
+#[derive(Clone, Copy, Debug)]
+pub enum TimedOut {
+    /// No progress for `--idle-timeout`.
+    Idle,
+    /// Past the client's deadline.
+    Deadline,
+}
+
+/// Counts a call the node cut off.
+pub fn timed_out(method: SharedString, reason: TimedOut) {
+    let label = match reason {
+        TimedOut::Idle => "idle",
+        TimedOut::Deadline => "deadline",
+    };
+    counter!(CALLS_TIMED_OUT, "method" => method, "reason" => label).increment(1);
+}
+
+/// Why the node closed a client connection.
+#[derive(Clone, Copy, Debug)]
+pub enum ConnClosed {
+    Refused,
+    Evicted,
+    Idle,
+    Stalled,
+}
+
+/// Counts a client connection accepted (`true`) or closed (`false`) and
+/// keeps the open-connections gauge.
+pub fn connection(opened: bool) {
+    if opened {
+        counter!(CONNECTIONS_ACCEPTED).increment(1);
+        gauge!(CONNECTIONS).increment(1.0);
+    } else {
+        gauge!(CONNECTIONS).decrement(1.0);
+    }
+}
+
+/// Counts a client connection the node closed on purpose.
+pub fn connection_closed(reason: ConnClosed) {
+    let label = match reason {
+        ConnClosed::Refused => "refused",
+        ConnClosed::Evicted => "evicted",
+        ConnClosed::Idle => "idle",
+        ConnClosed::Stalled => "stalled",
+    };
+    counter!(CONNECTIONS_CLOSED, "reason" => label).increment(1);
+}
+
 /// State-derived gauges, sampled at every scrape. `None` leaves a gauge at
 /// its last value (its source could not be read this time).
 #[derive(Debug, Clone, Default)]
@@ -180,6 +286,8 @@ pub struct NodeGauges {
     pub members_down: u64,
     pub repair_backlog: u64,
     pub peak_rss: Option<u64>,
+    pub budget_in_use: u64,
+    pub budget_waiters: u64,
 }
 
 impl NodeGauges {
@@ -195,6 +303,8 @@ impl NodeGauges {
         if let Some(n) = self.peak_rss {
             gauge!(PEAK_RSS).set(n as f64);
         }
+        gauge!(BUDGET_IN_USE).set(self.budget_in_use as f64);
+        gauge!(BUDGET_WAITERS).set(self.budget_waiters as f64);
     }
 }
 
@@ -247,6 +357,11 @@ impl MetricsServer {
             .set_buckets_for_metric(
                 metrics_exporter_prometheus::Matcher::Full(GRPC_DURATION.into()),
                 DURATION_BUCKETS,
+            )
+            .map_err(|e| MetricsError::Recorder(e.to_string()))?
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full(BUDGET_WAIT.into()),
+                BUDGET_WAIT_BUCKETS,
             )
             .map_err(|e| MetricsError::Recorder(e.to_string()))?
             .build_recorder();
@@ -335,6 +450,43 @@ fn describe() {
         SCRUB_CORRUPT,
         "Bad copies found on this node's disk and quarantined (scrubber or any read)"
     );
+    describe_histogram!(
+        BUDGET_WAIT,
+        Unit::Seconds,
+        "How long each request for buffer budget waited (most are served at once)"
+    );
+    describe_counter!(
+        BUDGET_EXHAUSTED,
+        "Requests for buffer budget refused with RESOURCE_EXHAUSTED (waited --budget-wait, or too many waiting)"
+    );
+    describe_gauge!(
+        BUDGET_IN_USE,
+        Unit::Bytes,
+        "Bytes of the buffer budget held by transfers"
+    );
+    describe_gauge!(BUDGET_WAITERS, "Calls waiting for buffer budget");
+    describe_counter!(
+        CALLS_SHED,
+        "Calls refused at once because the node was saturated, by reason (calls, budget)"
+    );
+    describe_counter!(
+        CALLS_TIMED_OUT,
+        "Calls the node cut off, by method and reason (idle: no progress for --idle-timeout; deadline: past grpc-timeout)"
+    );
+    describe_gauge!(CONNECTIONS, "Client connections open on the gRPC port");
+    describe_counter!(CONNECTIONS_ACCEPTED, "Client connections accepted");
+    describe_counter!(
+        CONNECTIONS_CLOSED,
+        "Client connections the node closed, by reason (refused, evicted, idle, stalled)"
+    );
+    for reason in ["calls", "budget"] {
+        counter!(CALLS_SHED, "reason" => reason).absolute(0);
+    }
+    for reason in ["refused", "evicted", "idle", "stalled"] {
+        counter!(CONNECTIONS_CLOSED, "reason" => reason).absolute(0);
+    }
+    counter!(BUDGET_EXHAUSTED).absolute(0);
+    counter!(CONNECTIONS_ACCEPTED).absolute(0);
     for copy in [BadCopy::Local, BadCopy::Incoming, BadCopy::Fetched] {
         counter!(VERIFY_FAILURES, "source" => copy.label()).absolute(0);
     }

@@ -56,9 +56,19 @@ pub struct BenchArgs {
     /// Extra flags for the bench node (e.g. "--chunk-size 8MiB")
     #[arg(long, allow_hyphen_values = true, default_value = "")]
     pub node_args: String,
+    /// Run the 4 KiB put/get mix (--mix-ops operations, 16 clients) quiet,
+    /// under hostile load, and quiet again: 8 downloads that never read, 8
+    /// uploads stalled after one chunk, 500 idle gRPC and 200 idle peer
+    /// connections; report both and the node's peak RSS
+    #[arg(long)]
+    pub hostile: bool,
+    /// Operations (puts and gets) per run of the --hostile mix
+    #[arg(long, default_value_t = 8000)]
+    pub mix_ops: usize,
 }
 
 mod cluster;
+mod hostile;
 
 /// The machine's own limits, measured on one core.
 struct MachineLimits {
@@ -83,6 +93,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .prefix("dfs-bench-")
             .tempdir_in(".")?,
     };
+    if args.hostile {
+        return run_hostile(&args, scratch.path()).await;
+    }
     println!(
         "dfs bench: {} object, {} small objects x {} clients",
         format_size(args.size),
@@ -132,6 +145,34 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let _ = c.wait().await;
     }
     result
+}
+
+/// `--hostile` on one node: the bench's own, or `--node`'s.
+async fn run_hostile(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
+    anyhow::ensure!(args.nodes <= 1, "--hostile runs against a single node");
+    let ops = args.mix_ops.max(2 * hostile::CLIENTS);
+    let Some(addr) = &args.node else {
+        let (mut child, addr) = start_node(&dir.join("node"), &args.node_args).await?;
+        let pid = child.id().unwrap_or(0).to_string();
+        let result = hostile::run(&addr, ops, || crate::grpc::peak_rss_of(&pid)).await;
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+        return result;
+    };
+    let status_addr = addr.clone();
+    let peak = move || {
+        // The node's own figure, through its status.
+        let handle = tokio::runtime::Handle::current();
+        tokio::task::block_in_place(|| {
+            handle.block_on(async {
+                let mut c = Client::connect(&status_addr, std::env::var("DFS_TOKEN").ok())
+                    .await
+                    .ok()?;
+                c.status().await.ok().map(|s| s.peak_rss_bytes)
+            })
+        })
+    };
+    hostile::run(addr, ops, peak).await
 }
 
 async fn run_against(addr: &str, args: &BenchArgs, limits: &MachineLimits) -> anyhow::Result<()> {

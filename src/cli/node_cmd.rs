@@ -101,6 +101,8 @@ pub struct NodeArgs {
     /// Boxed: keeps `dfs node`'s arguments from dwarfing the other commands'.
     #[command(flatten)]
     pub metrics: Box<MetricsArgs>,
+    #[command(flatten)]
+    pub limits: Box<LimitArgs>,
     /// How long in-flight requests may run after SIGTERM
     #[arg(long, env = "DFS_SHUTDOWN_GRACE", default_value = "30s", value_parser = duration_arg)]
     pub shutdown_grace: Duration,
@@ -120,6 +122,52 @@ pub struct MetricsArgs {
     /// Write the bound metrics address to this file once serving
     #[arg(long, env = "DFS_METRICS_ADDR_FILE", value_name = "PATH")]
     pub metrics_addr_file: Option<PathBuf>,
+}
+
+/// What keeps slow or hostile clients from stalling the node.
+#[derive(Args, Debug)]
+pub struct LimitArgs {
+    /// A transfer that makes no progress this long is cancelled (an upload then stores nothing); a connection with no call this long is closed
+    #[arg(long, env = "DFS_IDLE_TIMEOUT", default_value = "5m", value_parser = duration_arg)]
+    pub idle_timeout: Duration,
+    /// Longest a transfer waits for buffer memory before it fails RESOURCE_EXHAUSTED
+    #[arg(long, env = "DFS_BUDGET_WAIT", default_value = "10s", value_parser = duration_arg)]
+    pub budget_wait: Duration,
+    /// Client connections open at once; at the cap the longest-idle one is closed for a new one
+    #[arg(long, env = "DFS_MAX_CONNECTIONS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Concurrent calls (HTTP/2 streams) per client connection (1..=256)
+    #[arg(long, env = "DFS_MAX_STREAMS_PER_CONNECTION", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub max_streams_per_connection: u32,
+    /// dfs calls in flight at once, node-wide; more are refused RESOURCE_EXHAUSTED at once
+    #[arg(long, env = "DFS_MAX_CALLS", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_calls: u32,
+    /// HTTP/2 PING interval on client connections
+    #[arg(long, env = "DFS_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = duration_arg)]
+    pub keepalive_interval: Duration,
+    /// A client connection whose PING goes unanswered this long is closed
+    #[arg(long, env = "DFS_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = duration_arg)]
+    pub keepalive_timeout: Duration,
+}
+
+impl LimitArgs {
+    fn serve_limits(&self) -> anyhow::Result<grpc::ServeLimits> {
+        for (flag, d) in [
+            ("--idle-timeout", self.idle_timeout),
+            ("--keepalive-interval", self.keepalive_interval),
+            ("--keepalive-timeout", self.keepalive_timeout),
+        ] {
+            anyhow::ensure!(!d.is_zero(), "{flag} must be positive");
+        }
+        Ok(grpc::ServeLimits {
+            idle_timeout: self.idle_timeout,
+            max_connections: self.max_connections as usize,
+            max_streams_per_connection: self.max_streams_per_connection,
+            max_calls: self.max_calls as usize,
+            keepalive_interval: self.keepalive_interval,
+            keepalive_timeout: self.keepalive_timeout,
+        })
+    }
 }
 
 pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
@@ -142,6 +190,8 @@ pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     cfg.gc_interval = args.gc_interval;
     cfg.capacity = args.capacity;
     cfg.buffer_budget = usize::try_from(args.buffer_budget).unwrap_or(usize::MAX);
+    cfg.budget_wait = args.limits.budget_wait;
+    let limits = args.limits.serve_limits()?;
     cfg.cluster_key_file = args.cluster_key_file.clone();
     cfg.inline_chunk_ids = args.inline_chunk_ids;
     cfg.cluster.listen_addr = args.p2p_addr.clone();
@@ -199,6 +249,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
             auth_token: token,
             addr_file: args.addr_file,
             shutdown_grace: args.shutdown_grace,
+            limits,
         };
         let shutdown = async move {
             shutdown_signal().await;
@@ -224,6 +275,8 @@ fn node_gauges(node: Arc<Node>) -> metrics::Sampler {
             members_down: peers.len() as u64 - up,
             repair_backlog: node.cluster().repair_backlog(),
             peak_rss: grpc::peak_rss_bytes(),
+            budget_in_use: node.budget().in_use() as u64,
+            budget_waiters: node.budget().waiters() as u64,
         }
     })
 }

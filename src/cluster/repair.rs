@@ -80,6 +80,13 @@ impl Totals {
     }
 }
 
+/// Runs a blocking index or store call off the async worker threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| format!("blocking task stopped: {e}"))
+}
+
 /// Chunks one node repairs at once: enough to overlap one transfer's disk
 /// and network waits with another's, few enough to leave room for clients.
 const CONCURRENT_REPAIRS: usize = 4;
@@ -120,9 +127,9 @@ impl Cluster {
         }
         let totals = Totals::default();
         // Retry what failed before, when due.
-        let due = self
-            .index
-            .due_repairs(crate::units::unix_ms(), BATCH)
+        let index = self.index.clone();
+        let due = blocking(move || index.due_repairs(crate::units::unix_ms(), BATCH))
+            .await?
             .map_err(|e| e.to_string())?;
         let mut done = Vec::new();
         for id in due {
@@ -130,7 +137,10 @@ impl Cluster {
                 done.push(id);
             }
         }
-        self.index.repair_done(&done).map_err(|e| e.to_string())?;
+        let index = self.index.clone();
+        blocking(move || index.repair_done(&done))
+            .await?
+            .map_err(|e| e.to_string())?;
 
         // Push what this node holds to owners that lack it.
         let chunks = self.chunks.clone();
@@ -154,7 +164,7 @@ impl Cluster {
                     let totals = &totals;
                     async move {
                         if !self.execute(&plan, totals).await {
-                            self.enqueue(&plan.id);
+                            self.enqueue(&plan.id).await;
                         }
                         self.repair.pending.fetch_sub(1, Ordering::Relaxed);
                     }
@@ -165,19 +175,27 @@ impl Cluster {
         // Pull what this node owns but lacks.
         let mut after = None;
         loop {
-            let ids = self
-                .index
-                .referenced_chunks(after.as_ref(), BATCH)
+            let index = self.index.clone();
+            let ids = blocking(move || index.referenced_chunks(after.as_ref(), BATCH))
+                .await?
                 .map_err(|e| e.to_string())?;
             let Some(last) = ids.last().copied() else {
                 break;
             };
-            for id in ids {
-                if self.owners(&id).contains(&self.node_id)
-                    && !self.chunks.store().contains(&id)
-                    && !self.pull(id, &totals).await
-                {
-                    self.enqueue(&id);
+            let mine: Vec<ChunkId> = ids
+                .into_iter()
+                .filter(|id| self.owners(id).contains(&self.node_id))
+                .collect();
+            let chunks = self.chunks.clone();
+            let lacking = blocking(move || {
+                mine.into_iter()
+                    .filter(|id| !chunks.store().contains(id))
+                    .collect::<Vec<_>>()
+            })
+            .await?;
+            for id in lacking {
+                if !self.pull(id, &totals).await {
+                    self.enqueue(&id).await;
                 }
             }
             after = Some(last);
@@ -188,10 +206,21 @@ impl Cluster {
 
     /// Repairs one chunk from the queue; true when nothing is left to do.
     async fn repair_one(&self, id: ChunkId, totals: &Totals) -> bool {
-        if self.index.chunk_refs(&id).unwrap_or(0) == 0 {
+        let (index, chunks) = (self.index.clone(), self.chunks.clone());
+        let Ok((refs, held)) = blocking(move || {
+            (
+                index.chunk_refs(&id).unwrap_or(0),
+                chunks.store().contains(&id),
+            )
+        })
+        .await
+        else {
+            return false;
+        };
+        if refs == 0 {
             return true; // nothing references it any more
         }
-        if self.chunks.store().contains(&id) {
+        if held {
             let mut ok = true;
             for plan in self.plan_batch(&[id]).await {
                 ok &= self.execute(&plan, totals).await;
@@ -210,10 +239,16 @@ impl Cluster {
         let r = self.replicas();
         let mut by_owner: HashMap<String, Vec<ChunkId>> = HashMap::new();
         let mut owners_of = Vec::new();
-        for id in batch {
-            if self.index.chunk_refs(id).unwrap_or(0) == 0 {
-                continue; // garbage: the collector's business
-            }
+        let (index, ids) = (self.index.clone(), batch.to_vec());
+        let referenced = blocking(move || {
+            ids.into_iter()
+                .filter(|id| index.chunk_refs(id).unwrap_or(0) > 0)
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        // Unreferenced chunks are garbage: the collector's business.
+        for id in &referenced {
             let owners = self.owners(id);
             for o in owners.iter().filter(|o| **o != self.node_id) {
                 by_owner.entry(o.clone()).or_default().push(*id);
@@ -333,21 +368,28 @@ impl Cluster {
     }
 
     /// A copy on this node was found bad and quarantined: restore it soon.
-    pub fn chunk_lost(&self, id: ChunkId) {
-        self.enqueue(&id);
-        self.repair.kick();
+    pub fn chunk_lost(self: &Arc<Self>, id: ChunkId) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            this.enqueue(&id).await;
+            this.repair.kick();
+        });
     }
 
-    fn enqueue(&self, id: &ChunkId) {
+    async fn enqueue(&self, id: &ChunkId) {
         let now = crate::units::unix_ms();
-        let backoff = |attempts: u32| {
+        let backoff = move |attempts: u32| {
             let delay = FIRST_BACKOFF
                 .saturating_mul(1 << attempts.min(10))
                 .min(MAX_BACKOFF);
             now + delay.as_millis() as u64
         };
-        if let Err(e) = self.index.queue_repair(id, backoff) {
-            tracing::warn!(chunk = %id, error = %e, "cannot queue a repair");
+        // The queue is in the index: a commit with an fsync.
+        let (index, chunk) = (self.index.clone(), *id);
+        match blocking(move || index.queue_repair(&chunk, backoff)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(chunk = %id, error = %e, "cannot queue a repair"),
+            Err(e) => tracing::warn!(chunk = %id, error = %e, "cannot queue a repair"),
         }
     }
 

@@ -37,11 +37,16 @@ impl Cluster for ClusterService {
         _request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
         let (chunk_count, bytes_stored) = self.node.store().usage();
-        let object_count = self
-            .node
-            .index()
-            .live_objects()
-            .map_err(|e| node_status(e.into()))?;
+        // redb reads may wait for the disk: keep them off the async threads.
+        let node = self.node.clone();
+        let (object_count, repair_backlog) = tokio::task::spawn_blocking(move || {
+            node.index()
+                .live_objects()
+                .map(|objects| (objects, node.cluster().repair_backlog()))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("status stopped: {e}")))?
+        .map_err(|e| node_status(e.into()))?;
         let me = MemberStatus {
             node_id: self.node.id().to_owned(),
             address: self.p2p_address.clone(),
@@ -70,7 +75,7 @@ impl Cluster for ClusterService {
             chunk_count,
             bytes_stored,
             members,
-            repair_backlog: cluster.repair_backlog(),
+            repair_backlog,
             peak_rss_bytes: peak_rss_bytes().unwrap_or(0),
             version: env!("CARGO_PKG_VERSION").into(),
             scrub: Some(ScrubStatus {

@@ -7,12 +7,14 @@
 mod auth;
 mod cluster;
 pub mod codec;
+pub mod conn;
+pub mod limits;
 mod storage;
 
 use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
-use tonic::{Code, Status, transport::server::TcpIncoming};
+use tonic::{Code, Status};
 
 pub use auth::BearerAuth;
 pub use cluster::{ClusterService, peak_rss_bytes, peak_rss_of};
@@ -26,14 +28,29 @@ use crate::{
 /// Largest gRPC message the node decodes. An upload's data messages must fit;
 /// clients send far smaller ones (the dfs CLI sends 1 MiB).
 pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
-/// HTTP/2 flow-control window per stream. The 64 KiB protocol default caps a
-/// single upload at a few hundred window updates per second; 2 MiB lets one
-/// stream run at disk speed while bounding what one stream can buffer.
+/// A dfs client's HTTP/2 receive window per stream. The 64 KiB protocol
+/// default caps a single download at a few hundred window updates per
+/// second; 2 MiB lets one stream run at disk speed.
 pub const STREAM_WINDOW_BYTES: u32 = 2 << 20;
-/// HTTP/2 flow-control window per connection (shared by its streams).
+/// A dfs client's HTTP/2 receive window per connection.
 pub const CONNECTION_WINDOW_BYTES: u32 = 4 << 20;
-/// Concurrent streams per client connection; bounds per-connection work.
-pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+/// The node's HTTP/2 receive window per stream: what a client may send on
+/// one call before the node reads it. Large enough for one upload to run at
+/// disk speed; small, because a call that is not reading (waiting for
+/// buffer budget, or for its own pipeline) keeps that much buffered.
+pub const SERVER_STREAM_WINDOW_BYTES: u32 = 512 << 10;
+
+/// The node's HTTP/2 receive window per connection: room for every stream
+/// it allows at once. A smaller one would let streams that wait for buffer
+/// budget, their data unread, use up the connection's window, so that a
+/// call already holding budget on the same connection could never receive
+/// the rest of its chunk: the two would wait on each other.
+pub fn server_connection_window(max_streams: u32) -> u32 {
+    max_streams
+        .max(1)
+        .saturating_mul(SERVER_STREAM_WINDOW_BYTES)
+        .min(i32::MAX as u32)
+}
 
 /// The status code for each kind of node error.
 pub fn node_status(e: NodeError) -> Status {
@@ -45,6 +62,7 @@ pub fn node_status(e: NodeError) -> Status {
         NodeError::ResourceExhausted(_) => Code::ResourceExhausted,
         NodeError::Unavailable(_) => Code::Unavailable,
         NodeError::Cancelled(_) => Code::Cancelled,
+        NodeError::TimedOut(_) => Code::DeadlineExceeded,
         NodeError::Internal(_) => Code::Internal,
     };
     Status::new(code, e.to_string())
@@ -78,6 +96,39 @@ pub struct ServeOptions {
     pub addr_file: Option<PathBuf>,
     /// How long in-flight requests may run after shutdown begins.
     pub shutdown_grace: Duration,
+    /// Limits that keep slow or hostile clients from stalling the node.
+    pub limits: ServeLimits,
+}
+
+/// The gRPC port's limits (see `conn` and `limits`).
+#[derive(Debug, Clone)]
+pub struct ServeLimits {
+    /// A transfer that makes no progress this long is cut off; a connection
+    /// with no call this long is closed.
+    pub idle_timeout: Duration,
+    /// Client connections open at once.
+    pub max_connections: usize,
+    /// Concurrent streams (calls) per connection.
+    pub max_streams_per_connection: u32,
+    /// dfs calls in flight at once, node-wide; more are shed.
+    pub max_calls: usize,
+    /// HTTP/2 PING interval on idle connections.
+    pub keepalive_interval: Duration,
+    /// How long a PING may go unanswered before the connection is closed.
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for ServeLimits {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(300),
+            max_connections: 256,
+            max_streams_per_connection: 64,
+            max_calls: 512,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(20),
+        }
+    }
 }
 
 /// Binds the gRPC address (refusing nothing: the caller chose it).
@@ -106,17 +157,10 @@ pub async fn serve(
         .set_serving::<ClusterServer<ClusterService>>()
         .await;
 
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
-
+    let (reflection_v1, reflection_v1alpha) = reflection()?;
     let auth = BearerAuth::new(opts.auth_token.clone());
-    let storage = StorageServer::new(StorageService::new(node.clone()))
+    let lim = &opts.limits;
+    let storage = StorageServer::new(StorageService::new(node.clone(), lim.idle_timeout))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let cluster = ClusterServer::new(ClusterService::new(
@@ -125,42 +169,45 @@ pub async fn serve(
         opts.p2p_addr.clone(),
     ));
 
-    // Health follows whether the node can take writes: a node that has not
-    // reached its cluster (or whose clock disagrees with it) is NOT_SERVING,
-    // so a mesh routes to nodes that can. Liveness is separate: a node cut
-    // off from its cluster is alive and must not be restarted for it.
+    let call_limits =
+        limits::CallLimits::new(lim.max_calls, lim.idle_timeout, node.budget().clone());
+    let connections = conn::Connections::new(lim.max_connections);
+    connections.spawn_reaper(lim.idle_timeout);
+    // Liveness is separate from readiness: a node cut off from its cluster
+    // is alive and must not be restarted for it.
     health_reporter
         .set_service_status(LIVENESS_SERVICE, tonic_health::ServingStatus::Serving)
         .await;
-    let readiness = tokio::spawn(report_readiness(node.clone(), health_reporter.clone()));
+    // Health follows whether the node can serve until shutdown, which turns
+    // it off for good.
+    let shutting_down = Arc::new(tokio::sync::Mutex::new(false));
+    tokio::spawn(health_follows_state(
+        node.clone(),
+        health_reporter.clone(),
+        call_limits.clone(),
+        shutting_down.clone(),
+    ));
 
     // Shutdown: stop advertising health first, then stop the server; the
     // drain is bounded so one stuck client cannot hold the process forever.
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
-    let reporter = health_reporter.clone();
     tokio::spawn(async move {
         shutdown.await;
-        readiness.abort();
-        tracing::info!("shutting down: health NOT_SERVING, draining in-flight requests");
-        reporter
-            .set_not_serving::<StorageServer<StorageService>>()
-            .await;
-        reporter
-            .set_not_serving::<ClusterServer<ClusterService>>()
-            .await;
-        reporter
-            .set_service_status("", tonic_health::ServingStatus::NotServing)
-            .await;
+        stop_serving(health_reporter, shutting_down).await;
         let _ = drain_tx.send(());
     });
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
-        .initial_stream_window_size(STREAM_WINDOW_BYTES)
-        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
-        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .initial_stream_window_size(SERVER_STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(server_connection_window(lim.max_streams_per_connection))
+        .max_concurrent_streams(lim.max_streams_per_connection)
         .max_frame_size(1 << 20)
-        // Outermost, so calls the auth interceptor refuses are counted too.
+        .http2_keepalive_interval(Some(lim.keepalive_interval))
+        .http2_keepalive_timeout(Some(lim.keepalive_timeout))
+        // Outermost, so calls the auth interceptor refuses (and shed calls)
+        // are counted too.
         .layer(crate::metrics::GrpcMetricsLayer::new(known_methods()))
+        .layer(limits::CallLimitsLayer::new(call_limits))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -171,15 +218,10 @@ pub async fn serve(
         .add_service(tonic::service::interceptor::InterceptedService::new(
             cluster, auth,
         ))
-        // Without TCP_NODELAY, HTTP/2 window updates sit behind Nagle's
-        // algorithm for a delayed-ACK period (40 ms) and stall uploads.
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async move {
-                let _ = drain_rx.await;
-                let _ = drained_tx.send(());
-            },
-        );
+        .serve_with_incoming_shutdown(connections.incoming(listener), async move {
+            let _ = drain_rx.await;
+            let _ = drained_tx.send(());
+        });
 
     if let Some(path) = &opts.addr_file {
         write_addr_file(path, &local.to_string())?;
@@ -197,32 +239,106 @@ pub async fn serve(
     Ok(())
 }
 
+/// Turns health NOT_SERVING for good: shutdown has begun.
+async fn stop_serving(
+    reporter: tonic_health::server::HealthReporter,
+    shutting_down: Arc<tokio::sync::Mutex<bool>>,
+) {
+    tracing::info!("shutting down: health NOT_SERVING, draining in-flight requests");
+    let mut down = shutting_down.lock().await;
+    *down = true;
+    reporter
+        .set_not_serving::<StorageServer<StorageService>>()
+        .await;
+    reporter
+        .set_not_serving::<ClusterServer<ClusterService>>()
+        .await;
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+}
+
 /// The health "service" that answers SERVING while the process runs,
 /// whatever the cluster's state: for liveness and startup probes.
 pub const LIVENESS_SERVICE: &str = "liveness";
 
-/// Keeps the health status in step with [`crate::cluster::Cluster::writable`].
-async fn report_readiness(node: Arc<Node>, reporter: tonic_health::server::HealthReporter) {
-    let mut last = None;
+/// How often health is brought in line with the node's state.
+const HEALTH_EVERY: Duration = Duration::from_millis(250);
+
+/// Keeps health (`""` and `dfs.v1.Storage`) SERVING only while the node can
+/// serve: it can take writes (it reaches enough members for the write rule
+/// and its clock agrees with theirs, see
+/// [`crate::cluster::Cluster::writable`]) and it is not saturated (see
+/// [`limits::CallLimits::saturated`]). A mesh or load balancer then sends
+/// traffic elsewhere. Stops at shutdown.
+async fn health_follows_state(
+    node: Arc<Node>,
+    reporter: tonic_health::server::HealthReporter,
+    limits: Arc<limits::CallLimits>,
+    shutting_down: Arc<tokio::sync::Mutex<bool>>,
+) {
+    let mut last: Option<Result<(), String>> = None;
     loop {
-        let ready = node.cluster().writable();
-        if last.as_ref() != Some(&ready) {
-            let status = match &ready {
-                Ok(()) => tonic_health::ServingStatus::Serving,
+        let state = node.cluster().writable().and_then(|()| {
+            if limits.saturated() {
+                Err(format!(
+                    "saturated ({} calls, or buffer memory)",
+                    limits.in_flight()
+                ))
+            } else {
+                Ok(())
+            }
+        });
+        if last.as_ref() != Some(&state) {
+            let down = shutting_down.lock().await;
+            if *down {
+                return;
+            }
+            let status = match &state {
+                Ok(()) => {
+                    if last.is_some() {
+                        tracing::info!("health: SERVING");
+                    }
+                    tonic_health::ServingStatus::Serving
+                }
                 Err(why) => {
-                    tracing::warn!(reason = %why, "health: NOT_SERVING until the node can take writes");
+                    tracing::warn!(reason = %why, "health: NOT_SERVING");
                     tonic_health::ServingStatus::NotServing
                 }
             };
-            if last.is_some() && ready.is_ok() {
-                tracing::info!("health: SERVING");
-            }
             reporter.set_service_status("", status).await;
-            reporter.set_service_status("dfs.v1.Storage", status).await;
-            last = Some(ready);
+            reporter
+                .set_service_status(
+                    <StorageServer<StorageService> as tonic::server::NamedService>::NAME,
+                    status,
+                )
+                .await;
+            last = Some(state);
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(HEALTH_EVERY).await;
     }
+}
+
+/// Server reflection, v1 and v1alpha (grpcurl 1.8 speaks only v1alpha),
+/// with the health service's descriptors too.
+#[allow(clippy::type_complexity)]
+fn reflection() -> anyhow::Result<(
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+)> {
+    let v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    Ok((v1, v1alpha))
 }
 
 /// Every method this server answers, for the metrics layer's labels.

@@ -1,12 +1,12 @@
 //! `dfs.v1.Storage`: translates between protobuf and the node's pipelines.
 
-use std::{pin::Pin, sync::Arc};
+use std::{pin::Pin, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{node_status, status_error};
+use super::{limits::IdleLimited, node_status, status_error};
 use crate::{
     node::{Node, NodeError, Target, UploadMeta, object_info},
     proto::{
@@ -24,11 +24,13 @@ const MAX_PAGE: usize = 1000;
 /// The Storage service over one node.
 pub struct StorageService {
     node: Arc<Node>,
+    /// An upload whose client sends nothing this long is cancelled.
+    idle: Duration,
 }
 
 impl StorageService {
-    pub fn new(node: Arc<Node>) -> Self {
-        Self { node }
+    pub fn new(node: Arc<Node>, idle: Duration) -> Self {
+        Self { node, idle }
     }
 }
 
@@ -41,9 +43,14 @@ impl Storage for StorageService {
         request: Request<Streaming<UploadRequest>>,
     ) -> Result<Response<UploadResponse>, Status> {
         let mut stream = request.into_inner();
-        let first = stream
-            .message()
+        let first = tokio::time::timeout(self.idle, stream.message())
             .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "no upload header within {:?} (--idle-timeout)",
+                    self.idle
+                ))
+            })?
             .map_err(|s| node_status(status_error(s)))?;
         let header = match first {
             Some(UploadRequest {
@@ -77,7 +84,8 @@ impl Storage for StorageService {
             )),
             Err(status) => Err(status_error(status)),
         });
-        let record = self.node.upload(meta, Box::pin(data)).await.map_err(|e| {
+        let data = IdleLimited::new(Box::pin(data), self.idle);
+        let record = self.node.upload(meta, data).await.map_err(|e| {
             tracing::warn!(key = %key, error = %e, "upload failed");
             node_status(e)
         })?;
@@ -109,7 +117,7 @@ impl Storage for StorageService {
             msg: Some(download_response::Msg::Info(object_info(&download.record))),
         };
         let key = download.record.key.clone();
-        let data = download.data.map(move |item| match item {
+        let data = SplitMessages::new(download.data).map(move |item| match item {
             Ok(bytes) => Ok(data_message(bytes)),
             Err(e) => {
                 tracing::warn!(key = %key, error = %e, "download failed");
@@ -147,11 +155,14 @@ impl Storage for StorageService {
                     })?,
             ),
         };
-        let page = self
-            .node
-            .index()
-            .list(&req.prefix, after.as_deref(), limit)
-            .map_err(|e| node_status(e.into()))?;
+        let node = self.node.clone();
+        // A redb read may wait for the disk: keep it off the async threads.
+        let page = tokio::task::spawn_blocking(move || {
+            node.index().list(&req.prefix, after.as_deref(), limit)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("list stopped: {e}")))?
+        .map_err(|e| node_status(e.into()))?;
         let next_page_token = match (page.more, page.records.last()) {
             (true, Some(last)) => hex::encode(last.key.as_bytes()),
             _ => String::new(),
@@ -172,6 +183,48 @@ impl Storage for StorageService {
         Ok(Response::new(DeleteResponse {
             version: Some(version),
         }))
+    }
+}
+
+/// Largest data message sent to a client. Each one is copied as it is
+/// encoded, and HTTP/2 holds up to two of them for a client that reads
+/// slowly, outside the buffer budget: small messages keep that small.
+const SENT_MESSAGE_BYTES: usize = 256 << 10;
+
+/// Cuts the node's data into messages of at most [`SENT_MESSAGE_BYTES`]
+/// (slices of the same buffers: no copy).
+struct SplitMessages<S> {
+    inner: S,
+    rest: Bytes,
+}
+
+impl<S> SplitMessages<S> {
+    fn new(inner: S) -> Self {
+        Self {
+            inner,
+            rest: Bytes::new(),
+        }
+    }
+}
+
+impl<S> Stream for SplitMessages<S>
+where
+    S: Stream<Item = Result<Bytes, NodeError>> + Unpin,
+{
+    type Item = Result<Bytes, NodeError>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        if self.rest.is_empty() {
+            match std::task::ready!(Pin::new(&mut self.inner).poll_next(cx)) {
+                Some(Ok(bytes)) => self.rest = bytes,
+                other => return std::task::Poll::Ready(other),
+            }
+        }
+        let n = self.rest.len().min(SENT_MESSAGE_BYTES);
+        std::task::Poll::Ready(Some(Ok(self.rest.split_to(n))))
     }
 }
 

@@ -10,9 +10,9 @@
 //! peer bodies, which finish without waiting for anyone. So memory for chunk
 //! buffers is bounded by the budget plus the reserve (one chunk).
 
-use std::{future::Future, pin::Pin};
+use std::{future::Future, pin::Pin, sync::Arc};
 
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::Semaphore;
 
 use super::BufferBudget;
 use crate::p2p::{BodyBudget, BodyPermit};
@@ -20,7 +20,8 @@ use crate::p2p::{BodyBudget, BodyPermit};
 /// The node's budget, and the reserve for when it is full.
 pub(super) struct PeerBodyBudget {
     budget: BufferBudget,
-    reserve: BufferBudget,
+    reserve: Arc<Semaphore>,
+    reserve_bytes: usize,
 }
 
 impl PeerBodyBudget {
@@ -28,28 +29,25 @@ impl PeerBodyBudget {
     pub(super) fn new(budget: BufferBudget, reserve: usize) -> Self {
         Self {
             budget,
-            reserve: BufferBudget::new(reserve),
+            reserve: Arc::new(Semaphore::new(reserve)),
+            reserve_bytes: reserve,
         }
-    }
-}
-
-impl BufferBudget {
-    /// Takes `bytes` of budget if they are free right now (the same
-    /// clamping as `acquire`), without waiting.
-    fn try_acquire_now(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
-        let n = bytes.clamp(1, self.total) as u32;
-        self.sem.clone().try_acquire_many_owned(n).ok()
     }
 }
 
 impl BodyBudget for PeerBodyBudget {
     fn acquire(&self, bytes: usize) -> Pin<Box<dyn Future<Output = BodyPermit> + Send + '_>> {
         Box::pin(async move {
-            let permit = match self.budget.try_acquire_now(bytes) {
-                Some(permit) => permit,
-                None => self.reserve.acquire(bytes).await,
-            };
-            Box::new(permit) as BodyPermit
+            if let Some(permit) = self.budget.try_acquire(bytes) {
+                return Box::new(permit) as BodyPermit;
+            }
+            // A body larger than the reserve takes all of it.
+            let n = bytes.clamp(1, self.reserve_bytes) as u32;
+            match self.reserve.clone().acquire_many_owned(n).await {
+                Ok(permit) => Box::new(permit) as BodyPermit,
+                // The semaphore is never closed.
+                Err(_) => Box::new(()) as BodyPermit,
+            }
         })
     }
 }

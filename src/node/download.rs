@@ -13,6 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::{Node, NodeError, Target};
 use crate::{
+    budget::DOWNLOAD_BUFFERS,
     crypto::{ChunkId, IV_LEN},
     proto::ObjectRecord,
 };
@@ -123,10 +124,12 @@ impl Node {
         let mut ids = super::chunk_ids::ChunkIdPages::new(self.index.clone(), record.clone());
         let max_len = record.chunk_size as usize + IV_LEN;
         let mut window: VecDeque<(ChunkId, usize, usize, AbortOnDrop)> = VecDeque::new();
-        let mut span = chunk_span(record.chunk_size.max(1) as u64, range);
+        let mut span = chunk_span(record.chunk_size.max(1) as u64, range).peekable();
+        // What this download holds at once is capped (see `crate::budget`).
+        let call = self.budget.call(DOWNLOAD_BUFFERS, max_len);
         loop {
             while window.len() < READ_AHEAD {
-                let Some((i, from, to)) = span.next() else {
+                let Some(&(i, from, to)) = span.peek() else {
                     break;
                 };
                 let id = match ids.get(i as u64).await {
@@ -136,7 +139,27 @@ impl Node {
                         return;
                     }
                 };
-                let permit = self.budget.acquire(max_len).await;
+                // Paid at the chunk's own length: a small object's chunk is a
+                // small request, never queued behind whole chunks. Reading
+                // ahead takes only budget that is free now: waiting for it
+                // while holding chunks read but not yet sent, downloads could
+                // wait on each other for good. With none held, waiting is safe.
+                let len = sealed_len(&record, i, max_len);
+                let permit = if window.is_empty() {
+                    match call.acquire(len).await {
+                        Ok(permit) => permit,
+                        Err(e) => {
+                            let _ = tx.send(Err(e.into())).await;
+                            return;
+                        }
+                    }
+                } else {
+                    match call.try_acquire(len) {
+                        Some(permit) => permit,
+                        None => break,
+                    }
+                };
+                span.next();
                 let node = self.clone();
                 let read =
                     tokio::spawn(
@@ -182,7 +205,7 @@ impl Node {
         id: ChunkId,
         max_len: usize,
         needed: usize,
-        permit: tokio::sync::OwnedSemaphorePermit,
+        permit: crate::budget::BudgetPermit,
     ) -> ReadResult {
         let chunks = self.chunks.clone();
         let mut buf = self.budget.take_buffer(max_len);
@@ -226,6 +249,13 @@ impl Node {
         }
         Ok(self.budget.lend(opened, permit).slice(IV_LEN..))
     }
+}
+
+/// The sealed length of chunk `i` of `record` (at most `max_len`).
+fn sealed_len(record: &ObjectRecord, i: usize, max_len: usize) -> usize {
+    let chunk = u64::from(record.chunk_size.max(1));
+    let plain = record.size.saturating_sub(i as u64 * chunk).min(chunk);
+    (plain as usize + IV_LEN).min(max_len)
 }
 
 /// Checks that an opened chunk buffer holds the `needed` plaintext bytes.

@@ -15,9 +15,7 @@ mod upload;
 
 use std::{fs, sync::Arc};
 
-use bytes::Bytes;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-
+pub use crate::budget::{BudgetError, BudgetPermit, BufferBudget, CallBudget};
 pub use crate::chunks::GcReport;
 pub use download::{ByteRange, Download, chunk_span};
 pub use upload::UploadMeta;
@@ -54,8 +52,18 @@ pub enum NodeError {
     Unavailable(String),
     #[error("{0}")]
     Cancelled(String),
+    /// A call ran out of time: no progress for the idle timeout, or past
+    /// its deadline.
+    #[error("{0}")]
+    TimedOut(String),
     #[error("{0}")]
     Internal(String),
+}
+
+impl From<BudgetError> for NodeError {
+    fn from(e: BudgetError) -> Self {
+        Self::ResourceExhausted(e.to_string())
+    }
 }
 
 impl From<StoreError> for NodeError {
@@ -107,50 +115,6 @@ impl From<IndexError> for NodeError {
 pub enum Target {
     Key(String),
     Sha1(String),
-}
-
-/// The node-wide budget for chunk buffers, in bytes.
-#[derive(Clone)]
-pub struct BufferBudget {
-    sem: Arc<Semaphore>,
-    total: usize,
-}
-
-impl BufferBudget {
-    fn new(total: usize) -> Self {
-        Self {
-            sem: Arc::new(Semaphore::new(total)),
-            total,
-        }
-    }
-
-    /// An empty buffer with room for `capacity` bytes, reused when possible.
-    pub fn take_buffer(&self, capacity: usize) -> Vec<u8> {
-        crate::bufpool::take(capacity)
-    }
-
-    /// Shares `data` as [`Bytes`] holding `permit`; both return (to the
-    /// budget and the buffer pool) when the last reference is dropped.
-    pub fn lend(&self, data: Vec<u8>, permit: OwnedSemaphorePermit) -> Bytes {
-        crate::bufpool::lend(data, permit)
-    }
-
-    /// Waits until `bytes` of budget are free and takes them. A request larger
-    /// than the whole budget takes the whole budget rather than waiting forever.
-    pub async fn acquire(&self, bytes: usize) -> OwnedSemaphorePermit {
-        let n = bytes.clamp(1, self.total) as u32;
-        // The semaphore is never closed, so acquiring cannot fail.
-        self.sem
-            .clone()
-            .acquire_many_owned(n)
-            .await
-            .expect("budget semaphore is never closed")
-    }
-
-    /// Bytes of budget not held by any transfer right now.
-    pub fn available(&self) -> usize {
-        self.sem.available_permits()
-    }
 }
 
 /// A storage node's data plane.
@@ -209,7 +173,7 @@ impl Node {
             index.clone(),
             Some(dir.join("members")),
         ));
-        let budget = BufferBudget::new(cfg.buffer_budget);
+        let budget = BufferBudget::new(cfg.buffer_budget, cfg.chunk_size, cfg.budget_wait);
         let reserve = cfg.chunk_size + crate::crypto::IV_LEN;
         let peer_bodies = body_budget::PeerBodyBudget::new(budget.clone(), reserve);
         cluster.set_body_budget(Arc::new(peer_bodies));
@@ -264,7 +228,7 @@ impl Node {
     /// know is asked of its peers first, so an object is readable through
     /// any node as soon as its upload returned.
     pub async fn resolve(&self, target: &Target) -> Result<ObjectRecord, NodeError> {
-        if let Some(found) = self.resolve_local(target)? {
+        if let Some(found) = self.resolve_local(target).await? {
             return Ok(found);
         }
         let ask = match target {
@@ -272,7 +236,7 @@ impl Node {
             Target::Sha1(s) => get_record::Target::Sha1(parse_sha1(s)?.to_vec().into()),
         };
         if self.cluster.lookup(ask).await
-            && let Some(found) = self.resolve_local(target)?
+            && let Some(found) = self.resolve_local(target).await?
         {
             return Ok(found);
         }
@@ -282,17 +246,22 @@ impl Node {
         })
     }
 
-    fn resolve_local(&self, target: &Target) -> Result<Option<ObjectRecord>, NodeError> {
-        Ok(match target {
+    /// Looks `target` up in the local index, on a blocking thread: a redb
+    /// read may wait for the disk.
+    async fn resolve_local(&self, target: &Target) -> Result<Option<ObjectRecord>, NodeError> {
+        let index = self.index.clone();
+        let lookup = match target {
             Target::Key(key) => {
                 validate_key(key)?;
-                self.index.get_live(key)?
+                let key = key.clone();
+                tokio::task::spawn_blocking(move || index.get_live(&key)).await
             }
             Target::Sha1(hex) => {
                 let sha1 = parse_sha1(hex)?;
-                self.index.get_by_sha1(&sha1)?
+                tokio::task::spawn_blocking(move || index.get_by_sha1(&sha1)).await
             }
-        })
+        };
+        Ok(lookup.map_err(|e| NodeError::Internal(format!("index lookup stopped: {e}")))??)
     }
 
     /// Replaces the object under `key` with a tombstone. Its chunks are

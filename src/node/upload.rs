@@ -25,6 +25,7 @@ use tokio_stream::{Stream, StreamExt};
 
 use super::{Node, NodeError, now_ms, parse_sha1, validate_key};
 use crate::{
+    budget::{CallBudget, UPLOAD_BUFFERS},
     cluster::{ClusterError, Copies, UploadLease},
     crypto::{ChunkId, IV_LEN},
     proto::ObjectRecord,
@@ -34,9 +35,6 @@ use crate::{
 /// in order on one thread; sealing does not, so three in flight spread it
 /// over the cores and overlap one chunk's fsync with the next one's work.
 const WRITE_PARALLELISM: usize = 3;
-/// First allocation for a chunk buffer of an upload whose size is not yet
-/// known, so a 4 KiB object does not take a whole chunk of budget.
-const FIRST_BUFFER: usize = 256 << 10;
 
 /// What the client says about the object before its data.
 #[derive(Debug, Clone, Default)]
@@ -52,7 +50,7 @@ pub struct UploadMeta {
 /// it holds until it is dropped.
 struct ChunkBuf {
     data: Vec<u8>,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    permit: crate::budget::BudgetPermit,
 }
 
 /// The chunks an upload has written, in file order, and which of the
@@ -84,8 +82,13 @@ impl Node {
         let (fill_tx, fill_rx) = mpsc::channel::<ChunkBuf>(1);
         let (hashed_tx, hashed_rx) = mpsc::channel::<ChunkBuf>(1);
         let hasher = tokio::task::spawn_blocking(move || hash_file(fill_rx, hashed_tx));
+        // Everything this upload holds at once is capped, however its
+        // stages are arranged (see `crate::budget`).
+        let call = self
+            .budget
+            .call(UPLOAD_BUFFERS, IV_LEN + self.cfg.chunk_size);
         let (received, written) = tokio::join!(
-            self.fill_chunks(stream, fill_tx),
+            self.fill_chunks(&call, stream, fill_tx),
             self.write_chunks(hashed_rx, &lease)
         );
         let sha1 = hasher
@@ -134,6 +137,7 @@ impl Node {
     /// Cuts the incoming stream into chunk buffers. Returns the total size.
     async fn fill_chunks<S>(
         &self,
+        call: &CallBudget,
         mut stream: S,
         out: mpsc::Sender<ChunkBuf>,
     ) -> Result<u64, NodeError>
@@ -142,7 +146,11 @@ impl Node {
     {
         let chunk_size = self.cfg.chunk_size;
         let mut total: u64 = 0;
-        let mut next_capacity = FIRST_BUFFER.min(chunk_size);
+        // A chunk buffer starts small unless the data in hand is already
+        // larger: a 4 KiB object, or an upload that stalls one byte into a
+        // chunk, holds a small request's worth of budget (never queued
+        // behind large ones), not a whole chunk.
+        let small = (call.node().small_limit() - IV_LEN).min(chunk_size);
         let mut buf: Option<ChunkBuf> = None;
         loop {
             let piece = tokio::select! {
@@ -157,16 +165,21 @@ impl Node {
             while !piece.is_empty() {
                 let chunk = match buf.as_mut() {
                     Some(c) => c,
-                    None => buf.insert(self.new_chunk_buf(next_capacity).await),
+                    None => {
+                        let capacity = if piece.len() > small {
+                            chunk_size
+                        } else {
+                            small
+                        };
+                        buf.insert(self.new_chunk_buf(call, capacity).await?)
+                    }
                 };
                 let room = chunk_size - (chunk.data.len() - IV_LEN);
                 let take = room.min(piece.len());
-                self.grow(chunk, take).await;
+                self.grow(call, chunk, take).await?;
                 chunk.data.extend_from_slice(&piece.split_to(take));
                 if chunk.data.len() - IV_LEN == chunk_size {
                     let full = buf.take().expect("buffer was just filled");
-                    // Later chunks of a large upload are allocated whole at once.
-                    next_capacity = chunk_size;
                     if out.send(full).await.is_err() {
                         return Err(NodeError::Internal("upload pipeline stopped".into()));
                     }
@@ -182,25 +195,39 @@ impl Node {
         Ok(total)
     }
 
-    async fn new_chunk_buf(&self, capacity: usize) -> ChunkBuf {
-        let permit = self.budget.acquire(IV_LEN + capacity).await;
-        let mut data = self.budget.take_buffer(IV_LEN + capacity);
+    async fn new_chunk_buf(
+        &self,
+        call: &CallBudget,
+        capacity: usize,
+    ) -> Result<ChunkBuf, NodeError> {
+        let permit = call.acquire(IV_LEN + capacity).await?;
+        let mut data = call.take_buffer(IV_LEN + capacity);
         data.resize(IV_LEN, 0);
-        ChunkBuf { data, permit }
+        Ok(ChunkBuf { data, permit })
     }
 
-    /// Makes room for `extra` more bytes, paying the budget for the growth.
-    async fn grow(&self, chunk: &mut ChunkBuf, extra: usize) {
+    /// Makes room for `extra` more bytes, paying the call's budget for the growth.
+    async fn grow(
+        &self,
+        call: &CallBudget,
+        chunk: &mut ChunkBuf,
+        extra: usize,
+    ) -> Result<(), NodeError> {
         let needed = chunk.data.len() + extra;
         if needed <= chunk.data.capacity() {
-            return;
+            return Ok(());
         }
-        let target = (chunk.data.capacity() * 2)
-            .max(needed)
-            .min(IV_LEN + self.cfg.chunk_size);
-        let more = self.budget.acquire(target - chunk.data.capacity()).await;
-        chunk.permit.merge(more);
-        chunk.data.reserve_exact(target - chunk.data.len());
+        // From the small buffer straight to a whole chunk, paid anew, the
+        // small one's budget given back: a buffer growing by steps would
+        // hold part of the budget while waiting for more (enough uploads
+        // doing that at once wait on each other), and a whole chunk must not
+        // keep the reserve that small requests need.
+        let whole = IV_LEN + self.cfg.chunk_size;
+        let permit = call.acquire(whole).await?;
+        let mut data = call.take_buffer(whole);
+        data.extend_from_slice(&chunk.data);
+        *chunk = ChunkBuf { data, permit };
+        Ok(())
     }
 
     /// Seals and writes chunks, `WRITE_PARALLELISM` at a time (sealing is
