@@ -159,7 +159,8 @@ impl BufferBudget {
         let total = total.max(2);
         let reserve_size = (total / 4).max(1);
         let bulk_size = total - reserve_size;
-        let small_limit = ((chunk_size / 16).max(4096) + crate::crypto::IV_LEN).min(reserve_size);
+        let small_limit =
+            ((chunk_size / 16).max(4096) + crate::crypto::HEADER_LEN).min(reserve_size);
         Self {
             inner: Arc::new(Inner {
                 total,

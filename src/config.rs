@@ -75,7 +75,7 @@ impl NodeConfig {
             ));
         }
         // One upload must always be able to hold at least one whole chunk.
-        if self.buffer_budget < 2 * (self.chunk_size + crate::crypto::IV_LEN) {
+        if self.buffer_budget < 2 * (self.chunk_size + crate::crypto::HEADER_LEN) {
             return Err(format!(
                 "buffer budget {} is too small for chunk size {}: needs at least two chunks",
                 self.buffer_budget, self.chunk_size

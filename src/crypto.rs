@@ -1,33 +1,34 @@
 //! Keys, chunk ids and chunk encryption.
 //!
 //! One 32-byte cluster secret is the root of every key. HKDF-SHA256 derives
-//! three independent keys from it, so that a weakness in one use (say, the
-//! chunk id) never exposes another (the encryption key):
+//! independent keys from it, so that a weakness in one use (say, the chunk
+//! id) never exposes another (the encryption key):
 //!
-//! * `K_enc`: AES-256-CTR key for chunk contents;
-//! * `K_id`: HMAC-SHA1 key for chunk ids (keyed so that nobody without the
-//!   secret can fingerprint stored chunks or craft colliding ones);
+//! * `K_enc`: AES-256-CTR key for chunk contents (both formats);
+//! * `K_id2`: keyed-BLAKE3 key for the ids of chunks this version writes;
+//! * `K_mac`: keyed-BLAKE3 key for their authentication tags;
+//! * `K_id`: HMAC-SHA1 key for the ids of chunks written before (format 1,
+//!   still read) and for the key fingerprint;
 //! * `K_psk`: the Noise pre-shared key of the peer channel, which every
 //!   handshake mixes in, so only holders of the secret complete one.
 //!
-//! A sealed chunk is `IV (16 random bytes) || AES-256-CTR(K_enc, IV, plain)`,
-//! the same bytes on disk and on the peer wire.
+//! The sealed layouts, what each one costs to check and why, are in
+//! [`seal`](self::seal) and docs/SECURITY.md.
 
 use std::{fmt, fs, io, path::Path, str::FromStr};
 
-use aes::cipher::{KeyIvInit, StreamCipher};
 use hmac::{Hmac, KeyInit, Mac};
 use rand::Rng;
 use sha2::Sha256;
 
-/// AES-256 in CTR mode with a 128-bit big-endian counter: the whole 16-byte
-/// IV is the initial counter block, so random IVs never need a nonce split.
-type Aes256Ctr = ctr::Ctr128BE<aes::Aes256>;
+mod seal;
+
+pub use seal::{ChunkFormat, HEADER_LEN, IV_LEN, MAGIC_V2, TAG_LEN};
+
 type HmacSha1 = Hmac<sha1::Sha1>;
 
-/// Length of the random IV that prefixes every sealed chunk.
-pub const IV_LEN: usize = 16;
-/// Length of a chunk id (an HMAC-SHA1 output).
+/// Length of a chunk id (a keyed BLAKE3 output cut to 160 bits; format 1
+/// ids are HMAC-SHA1 outputs of the same length).
 pub const CHUNK_ID_LEN: usize = 20;
 
 /// Errors from key handling and chunk verification.
@@ -41,6 +42,12 @@ pub enum CryptoError {
     TooShort(usize),
     #[error("chunk content does not match its id {expected} (got {actual})")]
     Mismatch { expected: ChunkId, actual: ChunkId },
+    #[error("sealed chunk is {0} bytes, shorter than its {HEADER_LEN}-byte header")]
+    HeaderTooShort(usize),
+    #[error(
+        "chunk does not authenticate as {0}: changed, truncated, or sealed under another key or id"
+    )]
+    BadTag(ChunkId),
 }
 
 /// The shared secret of a cluster. Every node of a cluster holds the same one.
@@ -108,6 +115,8 @@ impl fmt::Debug for ClusterSecret {
 pub struct Keys {
     enc: [u8; 32],
     id: [u8; 32],
+    id2: [u8; 32],
+    mac: [u8; 32],
     psk: [u8; 32],
 }
 
@@ -118,9 +127,9 @@ impl fmt::Debug for Keys {
 }
 
 impl Keys {
-    /// Derives the three purpose keys with HKDF-SHA256. The info strings bind
-    /// each key to its use and to this format version (the peer PSK's label
-    /// names the peer protocol version it was introduced with).
+    /// Derives the purpose keys with HKDF-SHA256. The info strings bind each
+    /// key to its use and to the format version it came with (the peer PSK's
+    /// label names the peer protocol version it was introduced with).
     pub fn derive(secret: &ClusterSecret) -> Self {
         let hk = hkdf::Hkdf::<Sha256>::new(Some(b"dfs cluster v1"), &secret.0);
         let expand = |info: &[u8]| {
@@ -132,6 +141,8 @@ impl Keys {
         Self {
             enc: expand(b"dfs chunk encryption v1"),
             id: expand(b"dfs chunk id v1"),
+            id2: expand(b"dfs chunk id v2"),
+            mac: expand(b"dfs chunk mac v2"),
             psk: expand(b"dfs peer noise psk v2"),
         }
     }
@@ -139,9 +150,10 @@ impl Keys {
     /// A short public fingerprint of the keys, stored in a node's index so a
     /// node started with another cluster's key refuses to start instead of
     /// failing (and quarantining) every chunk it reads. Reveals nothing
-    /// usable: it is a keyed hash of a constant.
+    /// usable: it is a keyed hash of a constant. Stays the format 1 id of
+    /// that constant, so data directories written before keep their check.
     pub fn fingerprint(&self) -> u64 {
-        let id = self.chunk_id(b"dfs key fingerprint v1");
+        let id = self.chunk_id_v1(b"dfs key fingerprint v1");
         u64::from_be_bytes(id.0[..8].try_into().expect("20-byte id"))
     }
 
@@ -150,76 +162,12 @@ impl Keys {
         &self.psk
     }
 
-    /// The id of a plaintext chunk: `HMAC-SHA1(K_id, plain)`.
-    pub fn chunk_id(&self, plain: &[u8]) -> ChunkId {
+    /// The id a format 1 chunk has: `HMAC-SHA1(K_id, plain)`. New chunks
+    /// are named by [`Keys::chunk_id`]; this one stays for reading old ones.
+    pub fn chunk_id_v1(&self, plain: &[u8]) -> ChunkId {
         let mut mac = <HmacSha1 as KeyInit>::new_from_slice(&self.id).expect("HMAC takes any key");
         mac.update(plain);
         ChunkId(mac.finalize().into_bytes().into())
-    }
-
-    /// Seals a chunk in place. `buf` holds `IV_LEN` bytes of headroom followed
-    /// by the plaintext; on return it holds `IV || ciphertext`. Returns the
-    /// chunk's id, computed over the plaintext before it is encrypted.
-    pub fn seal_in_place(&self, buf: &mut [u8]) -> ChunkId {
-        let (iv, body) = buf.split_at_mut(IV_LEN);
-        let id = self.chunk_id(body);
-        rand::rng().fill_bytes(iv);
-        self.apply_keystream(iv, body);
-        id
-    }
-
-    /// Opens a sealed chunk in place and checks it against `expected`. On
-    /// success the plaintext is `buf[IV_LEN..]`. A chunk that does not verify
-    /// is an error: its bytes must never reach a client.
-    pub fn open_in_place(&self, buf: &mut [u8], expected: &ChunkId) -> Result<(), CryptoError> {
-        if buf.len() < IV_LEN {
-            return Err(CryptoError::TooShort(buf.len()));
-        }
-        let (iv, body) = buf.split_at_mut(IV_LEN);
-        self.apply_keystream(iv, body);
-        let actual = self.chunk_id(body);
-        if &actual != expected {
-            return Err(CryptoError::Mismatch {
-                expected: *expected,
-                actual,
-            });
-        }
-        Ok(())
-    }
-
-    /// Checks a sealed chunk against `expected` without changing it, using a
-    /// small scratch buffer: for chunks received from or served to peers,
-    /// which are stored or sent sealed and never need their plaintext whole.
-    pub fn verify_sealed(&self, sealed: &[u8], expected: &ChunkId) -> Result<(), CryptoError> {
-        /// Plaintext is produced and hashed this many bytes at a time.
-        const SCRATCH: usize = 64 << 10;
-        if sealed.len() < IV_LEN {
-            return Err(CryptoError::TooShort(sealed.len()));
-        }
-        let (iv, body) = sealed.split_at(IV_LEN);
-        let mut cipher =
-            Aes256Ctr::new_from_slices(&self.enc, iv).expect("32-byte key and 16-byte IV");
-        let mut mac = <HmacSha1 as KeyInit>::new_from_slice(&self.id).expect("HMAC takes any key");
-        let mut scratch = vec![0u8; SCRATCH.min(body.len())];
-        for piece in body.chunks(SCRATCH) {
-            let out = &mut scratch[..piece.len()];
-            cipher.apply_keystream_b2b(piece, out);
-            mac.update(out);
-        }
-        let actual = ChunkId(mac.finalize().into_bytes().into());
-        if &actual != expected {
-            return Err(CryptoError::Mismatch {
-                expected: *expected,
-                actual,
-            });
-        }
-        Ok(())
-    }
-
-    fn apply_keystream(&self, iv: &[u8], body: &mut [u8]) {
-        let mut cipher =
-            Aes256Ctr::new_from_slices(&self.enc, iv).expect("32-byte key and 16-byte IV");
-        cipher.apply_keystream(body);
     }
 }
 
@@ -295,32 +243,6 @@ mod tests {
     }
 
     #[test]
-    fn aes256_ctr_matches_nist_sp800_38a_f5_5() {
-        // NIST SP 800-38A, F.5.5 CTR-AES256.Encrypt.
-        let key = hex::decode("603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4")
-            .unwrap();
-        let iv = hex::decode("f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff").unwrap();
-        let mut data = hex::decode(concat!(
-            "6bc1bee22e409f96e93d7e117393172a",
-            "ae2d8a571e03ac9c9eb76fac45af8e51",
-            "30c81c46a35ce411e5fbc1191a0a52ef",
-            "f69f2445df4f9b17ad2b417be66c3710"
-        ))
-        .unwrap();
-        let mut cipher = Aes256Ctr::new_from_slices(&key, &iv).unwrap();
-        cipher.apply_keystream(&mut data);
-        assert_eq!(
-            hex::encode(data),
-            concat!(
-                "601ec313775789a5b7a7f504bbf3d228",
-                "f443e3ca4d62b59aca84e990cacaf5c5",
-                "2b0930daa23de94ce87017ba2d84988d",
-                "dfc9c58db67aada613c2dd08457941a6"
-            )
-        );
-    }
-
-    #[test]
     fn the_peer_psk_is_pinned() {
         // HKDF-SHA256(salt "dfs cluster v1", secret 00 01 .. 1f, info
         // "dfs peer noise psk v2"), computed independently with Python's
@@ -337,76 +259,15 @@ mod tests {
     }
 
     #[test]
-    fn seal_then_open_round_trips_and_hides_plaintext() {
-        let keys = Keys::derive(&ClusterSecret::generate());
-        let plain = b"attack at dawn, attack at dawn, attack at dawn".to_vec();
-        let mut buf = vec![0u8; IV_LEN];
-        buf.extend_from_slice(&plain);
-        let id = keys.seal_in_place(&mut buf);
-        assert_eq!(id, keys.chunk_id(&plain));
-        assert_ne!(
-            &buf[IV_LEN..],
-            &plain[..],
-            "sealed bytes must not be plaintext"
-        );
-        keys.open_in_place(&mut buf, &id).unwrap();
-        assert_eq!(&buf[IV_LEN..], &plain[..]);
-    }
-
-    #[test]
-    fn verify_sealed_agrees_with_open_without_changing_the_chunk() {
-        let keys = Keys::derive(&ClusterSecret::generate());
-        let mut sealed = vec![0u8; IV_LEN];
-        sealed.extend((0..200_000u32).map(|i| (i * 7) as u8));
-        let id = keys.seal_in_place(&mut sealed);
-        let before = sealed.clone();
-        keys.verify_sealed(&sealed, &id).unwrap();
-        assert_eq!(sealed, before);
-        sealed[IV_LEN + 150_000] ^= 0x80;
-        assert!(keys.verify_sealed(&sealed, &id).is_err());
-        assert!(keys.verify_sealed(&sealed[..5], &id).is_err());
-    }
-
-    #[test]
-    fn sealing_twice_uses_fresh_ivs() {
-        let keys = Keys::derive(&ClusterSecret::generate());
-        let mut a = vec![0u8; IV_LEN + 64];
-        let mut b = a.clone();
-        keys.seal_in_place(&mut a);
-        keys.seal_in_place(&mut b);
-        assert_ne!(a, b);
-    }
-
-    #[test]
-    fn open_rejects_flipped_bit_truncation_and_foreign_key() {
-        let keys = Keys::derive(&ClusterSecret::generate());
-        let mut sealed = vec![0u8; IV_LEN];
-        sealed.extend_from_slice(&[7u8; 100]);
-        let id = keys.seal_in_place(&mut sealed);
-
-        let mut flipped = sealed.clone();
-        flipped[IV_LEN + 10] ^= 1;
-        assert!(matches!(
-            keys.open_in_place(&mut flipped, &id),
-            Err(CryptoError::Mismatch { .. })
-        ));
-        let mut short = sealed[..10].to_vec();
-        assert!(matches!(
-            keys.open_in_place(&mut short, &id),
-            Err(CryptoError::TooShort(10))
-        ));
-        let other = Keys::derive(&ClusterSecret::generate());
-        let mut copy = sealed.clone();
-        assert!(other.open_in_place(&mut copy, &id).is_err());
-    }
-
-    #[test]
     fn derived_keys_differ_by_purpose_and_secret() {
         let s = ClusterSecret::generate();
         let k = Keys::derive(&s);
-        assert_ne!(k.enc, k.id);
-        assert_ne!(k.id, k.psk);
-        assert_ne!(k.enc, k.psk);
+        let all = [k.enc, k.id, k.id2, k.mac, k.psk];
+        for (i, a) in all.iter().enumerate() {
+            for b in &all[i + 1..] {
+                assert_ne!(a, b, "every purpose has its own key");
+            }
+        }
         let k2 = Keys::derive(&s);
         assert_eq!(k.id, k2.id, "derivation is deterministic");
         let k3 = Keys::derive(&ClusterSecret::generate());

@@ -3,7 +3,7 @@
 //! Layout under the node's data directory:
 //!
 //! ```text
-//! chunks/ab/cd/abcd<36 more hex>   one file per chunk: IV || ciphertext
+//! chunks/ab/cd/abcd<36 more hex>   one file per chunk, sealed (`crypto::seal`)
 //! tmp/                             writes in progress; emptied at start
 //! quarantine/                      chunks that failed verification, kept for inspection
 //! ```

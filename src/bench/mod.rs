@@ -337,11 +337,11 @@ fn measure_machine(dir: &Path, disk_bytes: u64) -> anyhow::Result<MachineLimits>
             std::hint::black_box(Sha1::digest(&buf));
         }
     });
-    let mut sealed = vec![0u8; CHUNK + crate::crypto::IV_LEN];
+    let mut sealed = vec![0u8; CHUNK + crate::crypto::HEADER_LEN];
     let hmac_aes_sha1 = rate(&mut || {
         let mut file = Sha1::new();
         for _ in 0..ROUNDS {
-            file.update(&sealed[crate::crypto::IV_LEN..]);
+            file.update(&sealed[crate::crypto::HEADER_LEN..]);
             std::hint::black_box(keys.seal_in_place(&mut sealed));
         }
         std::hint::black_box(file.finalize());

@@ -154,16 +154,17 @@ impl Chunks {
         Ok(sealed)
     }
 
-    /// Reads a local chunk into `buf` and decrypts it in place: on success
-    /// `buf` is `IV || plaintext`, verified against `id`. A copy that fails
-    /// is quarantined. `max_len` bounds the file read (the record's chunk
-    /// size plus the IV). Blocking.
+    /// Reads a local chunk into `buf` and decrypts it in place. On success
+    /// returns where the plaintext starts in `buf` (the header before it
+    /// differs by format); it is verified against `id`. A copy that fails is
+    /// quarantined. `max_len` bounds the file read (the record's chunk size
+    /// plus the header). Blocking.
     pub fn open_local(
         &self,
         id: &ChunkId,
         max_len: usize,
         buf: &mut Vec<u8>,
-    ) -> Result<(), ChunkError> {
+    ) -> Result<usize, ChunkError> {
         let max_len = max_len.min(self.max_sealed);
         self.store
             .read_into(id, max_len, buf)
@@ -174,12 +175,17 @@ impl Chunks {
     }
 
     /// Checks sealed bytes that arrived from a peer against their id and
-    /// decrypts them into a pooled buffer (`IV || plaintext`).
-    pub fn open_fetched(&self, id: &ChunkId, sealed: &[u8]) -> Result<Vec<u8>, CryptoError> {
+    /// decrypts them into a pooled buffer. Returns the buffer and where its
+    /// plaintext starts.
+    pub fn open_fetched(
+        &self,
+        id: &ChunkId,
+        sealed: &[u8],
+    ) -> Result<(Vec<u8>, usize), CryptoError> {
         let mut buf = crate::bufpool::take(sealed.len());
         buf.extend_from_slice(sealed);
-        self.keys.open_in_place(&mut buf, id)?;
-        Ok(buf)
+        let offset = self.keys.open_in_place(&mut buf, id)?;
+        Ok((buf, offset))
     }
 
     /// Verifies sealed bytes that arrived from a peer, without keeping the

@@ -29,7 +29,7 @@ pub use sync::ForgetError;
 
 use crate::{
     chunks::{ChunkError, Chunks},
-    crypto::{ChunkId, IV_LEN, Keys},
+    crypto::{ChunkId, HEADER_LEN, Keys},
     identity::NodeKey,
     index::Index,
     p2p::{self, Identity, Limits, PeerPool},
@@ -129,7 +129,7 @@ impl ClusterConfig {
             sync_interval: Duration::from_secs(60),
             repair_interval: Duration::from_secs(60),
             repair_rate: 256 << 20,
-            max_chunk: crate::config::MAX_CHUNK_SIZE + IV_LEN,
+            max_chunk: crate::config::MAX_CHUNK_SIZE + HEADER_LEN,
             max_clock_skew: Duration::from_secs(60),
             lease_ttl: Duration::from_secs(60),
             peer_timeout: Duration::from_secs(10),

@@ -14,7 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::{Node, NodeError, Target};
 use crate::{
     budget::DOWNLOAD_BUFFERS,
-    crypto::{ChunkId, IV_LEN},
+    crypto::{ChunkId, HEADER_LEN},
     proto::ObjectRecord,
 };
 
@@ -122,7 +122,7 @@ impl Node {
         tx: mpsc::Sender<Result<Bytes, NodeError>>,
     ) {
         let mut ids = super::chunk_ids::ChunkIdPages::new(self.index.clone(), record.clone());
-        let max_len = record.chunk_size as usize + IV_LEN;
+        let max_len = record.chunk_size as usize + HEADER_LEN;
         let mut window: VecDeque<(ChunkId, usize, usize, AbortOnDrop)> = VecDeque::new();
         let mut span = chunk_span(record.chunk_size.max(1) as u64, range).peekable();
         // What this download holds at once is capped (see `crate::budget`).
@@ -210,14 +210,16 @@ impl Node {
         let chunks = self.chunks.clone();
         let mut buf = self.budget.take_buffer(max_len);
         let local = tokio::task::spawn_blocking(move || {
-            chunks.open_local(&id, max_len, &mut buf).map(|()| buf)
+            chunks
+                .open_local(&id, max_len, &mut buf)
+                .map(|offset| (buf, offset))
         })
         .await
         .map_err(|e| NodeError::Internal(format!("chunk read stopped: {e}")))?;
         let local_error = match local {
-            Ok(opened) => {
-                check_len(id, &opened, needed)?;
-                return Ok(self.budget.lend(opened, permit).slice(IV_LEN..));
+            Ok((opened, offset)) => {
+                check_len(id, &opened[offset..], needed)?;
+                return Ok(self.budget.lend(opened, permit).slice(offset..));
             }
             Err(e) => e,
         };
@@ -230,13 +232,13 @@ impl Node {
                 Ok((sealed, opened))
             })
             .await;
-        let (sealed, opened) = match opened {
+        let (sealed, (opened, offset)) = match opened {
             Ok(pair) => pair,
             Err(remote) => {
                 return Err(NodeError::DataLoss(format!("{local_error}; {remote}")));
             }
         };
-        check_len(id, &opened, needed)?;
+        check_len(id, &opened[offset..], needed)?;
         if self.cluster.owners(&id).iter().any(|o| o == &self.id) {
             // Restore the missing or bad local copy off the read path: the
             // client need not wait for a write and an fsync.
@@ -247,20 +249,21 @@ impl Node {
                 }
             });
         }
-        Ok(self.budget.lend(opened, permit).slice(IV_LEN..))
+        Ok(self.budget.lend(opened, permit).slice(offset..))
     }
 }
 
-/// The sealed length of chunk `i` of `record` (at most `max_len`).
+/// The sealed length of chunk `i` of `record` (at most `max_len`): an upper
+/// bound, as format 1 chunks have a shorter header.
 fn sealed_len(record: &ObjectRecord, i: usize, max_len: usize) -> usize {
     let chunk = u64::from(record.chunk_size.max(1));
     let plain = record.size.saturating_sub(i as u64 * chunk).min(chunk);
-    (plain as usize + IV_LEN).min(max_len)
+    (plain as usize + HEADER_LEN).min(max_len)
 }
 
-/// Checks that an opened chunk buffer holds the `needed` plaintext bytes.
-fn check_len(id: ChunkId, opened: &[u8], needed: usize) -> Result<(), NodeError> {
-    let held = opened.len() - IV_LEN;
+/// Checks that an opened chunk's plaintext holds the `needed` bytes.
+fn check_len(id: ChunkId, plain: &[u8], needed: usize) -> Result<(), NodeError> {
+    let held = plain.len();
     if held < needed {
         return Err(NodeError::DataLoss(format!(
             "chunk {id} holds {held} bytes, the record needs {needed}"

@@ -174,7 +174,7 @@ impl Node {
             Some(dir.join("members")),
         ));
         let budget = BufferBudget::new(cfg.buffer_budget, cfg.chunk_size, cfg.budget_wait);
-        let reserve = cfg.chunk_size + crate::crypto::IV_LEN;
+        let reserve = cfg.chunk_size + crate::crypto::HEADER_LEN;
         let peer_bodies = body_budget::PeerBodyBudget::new(budget.clone(), reserve);
         cluster.set_body_budget(Arc::new(peer_bodies));
         Ok(Self {

@@ -1,7 +1,7 @@
 //! The upload pipeline.
 //!
 //! ```text
-//! client stream -> [fill chunk] -> [SHA-1 of file] -> [HMAC id, encrypt, replicate] x3
+//! client stream -> [fill chunk] -> [SHA-1 of file] -> [id, encrypt, tag, replicate] x3
 //!   async task       budget-paid     one blocking thread   blocking pool + owners
 //! ```
 //!
@@ -27,7 +27,7 @@ use super::{Node, NodeError, now_ms, parse_sha1, validate_key};
 use crate::{
     budget::{CallBudget, UPLOAD_BUFFERS},
     cluster::{ClusterError, Copies, UploadLease},
-    crypto::{ChunkId, IV_LEN},
+    crypto::{ChunkId, HEADER_LEN},
     proto::ObjectRecord,
 };
 
@@ -46,7 +46,7 @@ pub struct UploadMeta {
     pub metadata: HashMap<String, String>,
 }
 
-/// A chunk buffer: `IV_LEN` bytes of headroom then plaintext, and the budget
+/// A chunk buffer: `HEADER_LEN` bytes of headroom then plaintext, and the budget
 /// it holds until it is dropped.
 struct ChunkBuf {
     data: Vec<u8>,
@@ -86,7 +86,7 @@ impl Node {
         // stages are arranged (see `crate::budget`).
         let call = self
             .budget
-            .call(UPLOAD_BUFFERS, IV_LEN + self.cfg.chunk_size);
+            .call(UPLOAD_BUFFERS, HEADER_LEN + self.cfg.chunk_size);
         let (received, written) = tokio::join!(
             self.fill_chunks(&call, stream, fill_tx),
             self.write_chunks(hashed_rx, &lease)
@@ -150,7 +150,7 @@ impl Node {
         // larger: a 4 KiB object, or an upload that stalls one byte into a
         // chunk, holds a small request's worth of budget (never queued
         // behind large ones), not a whole chunk.
-        let small = (call.node().small_limit() - IV_LEN).min(chunk_size);
+        let small = (call.node().small_limit() - HEADER_LEN).min(chunk_size);
         let mut buf: Option<ChunkBuf> = None;
         loop {
             let piece = tokio::select! {
@@ -174,11 +174,11 @@ impl Node {
                         buf.insert(self.new_chunk_buf(call, capacity).await?)
                     }
                 };
-                let room = chunk_size - (chunk.data.len() - IV_LEN);
+                let room = chunk_size - (chunk.data.len() - HEADER_LEN);
                 let take = room.min(piece.len());
                 self.grow(call, chunk, take).await?;
                 chunk.data.extend_from_slice(&piece.split_to(take));
-                if chunk.data.len() - IV_LEN == chunk_size {
+                if chunk.data.len() - HEADER_LEN == chunk_size {
                     let full = buf.take().expect("buffer was just filled");
                     if out.send(full).await.is_err() {
                         return Err(NodeError::Internal("upload pipeline stopped".into()));
@@ -187,7 +187,7 @@ impl Node {
             }
         }
         if let Some(last) = buf.take()
-            && last.data.len() > IV_LEN
+            && last.data.len() > HEADER_LEN
             && out.send(last).await.is_err()
         {
             return Err(NodeError::Internal("upload pipeline stopped".into()));
@@ -200,9 +200,9 @@ impl Node {
         call: &CallBudget,
         capacity: usize,
     ) -> Result<ChunkBuf, NodeError> {
-        let permit = call.acquire(IV_LEN + capacity).await?;
-        let mut data = call.take_buffer(IV_LEN + capacity);
-        data.resize(IV_LEN, 0);
+        let permit = call.acquire(HEADER_LEN + capacity).await?;
+        let mut data = call.take_buffer(HEADER_LEN + capacity);
+        data.resize(HEADER_LEN, 0);
         Ok(ChunkBuf { data, permit })
     }
 
@@ -222,7 +222,7 @@ impl Node {
         // hold part of the budget while waiting for more (enough uploads
         // doing that at once wait on each other), and a whole chunk must not
         // keep the reserve that small requests need.
-        let whole = IV_LEN + self.cfg.chunk_size;
+        let whole = HEADER_LEN + self.cfg.chunk_size;
         let permit = call.acquire(whole).await?;
         let mut data = call.take_buffer(whole);
         data.extend_from_slice(&chunk.data);
@@ -305,7 +305,7 @@ fn join_write(
 fn hash_file(mut input: mpsc::Receiver<ChunkBuf>, output: mpsc::Sender<ChunkBuf>) -> [u8; 20] {
     let mut file_sha1 = Sha1::new();
     while let Some(chunk) = input.blocking_recv() {
-        file_sha1.update(&chunk.data[IV_LEN..]);
+        file_sha1.update(&chunk.data[HEADER_LEN..]);
         if output.blocking_send(chunk).is_err() {
             break;
         }
