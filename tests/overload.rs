@@ -468,7 +468,8 @@ async fn a_saturated_node_sheds_new_transfers_and_says_so_in_health() {
         stalled.push(stalled_upload(ch, &format!("bulk-{i}"), &[&chunk]).await);
     }
     // ...and uploads that sent one byte each hold a small first buffer
-    // (16 KiB + 16 with 256 KiB chunks) until the reserve is gone too.
+    // (16 KiB + the sealed header with 256 KiB chunks) until the reserve is
+    // gone too.
     let channel = node.channel().await;
     for i in 0..60 {
         stalled.push(stalled_upload(channel.clone(), &format!("small-{i}"), &[b"x"]).await);

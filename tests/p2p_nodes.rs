@@ -52,7 +52,7 @@ async fn two_nodes_uploading_to_each_other_with_full_budgets_do_not_wait_for_eac
     // 30 s request timeout breaks.
     let key_dir = tempfile::tempdir().unwrap();
     let key_file = write_key_file(&key_dir.path().join("cluster.key"), 91);
-    let budget = (2 * (CHUNK + 16)).to_string();
+    let budget = (2 * (CHUNK + dfs::crypto::HEADER_LEN)).to_string();
     let args = [
         "--cluster-key-file",
         key_file.to_str().unwrap(),

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{MB, MachineLimits, RandomReader, start_node};
+use super::{MB, MachineLimits, RandomReader, proc_cpu_seconds, start_node};
 use crate::{client::Client, proto::UploadHeader, units::format_size};
 
 struct BenchNode {
@@ -102,7 +102,7 @@ async fn measure(
         nodes.len()
     );
 
-    let cpu_before: f64 = nodes.iter().map(BenchNode::cpu_seconds).sum();
+    let cpu_before: Vec<f64> = nodes.iter().map(BenchNode::cpu_seconds).collect();
     let header = UploadHeader {
         key: "bench/cluster".into(),
         ..Default::default()
@@ -112,7 +112,11 @@ async fn measure(
         .upload(header, RandomReader::new(args.size, 0xc1u64), |_| {})
         .await?;
     let up_secs = started.elapsed().as_secs_f64();
-    let cpu_up: f64 = nodes.iter().map(BenchNode::cpu_seconds).sum::<f64>() - cpu_before;
+    let cpu_up: Vec<f64> = nodes
+        .iter()
+        .zip(&cpu_before)
+        .map(|(n, before)| n.cpu_seconds() - before)
+        .collect();
 
     let cpu_before: f64 = nodes.iter().map(BenchNode::cpu_seconds).sum();
     let started = Instant::now();
@@ -124,12 +128,6 @@ async fn measure(
     anyhow::ensure!(got == info.size, "downloaded {got} of {} bytes", info.size);
 
     let gib = args.size as f64 / (1u64 << 30) as f64;
-    // The crypto a stored GiB needs: seal once at the gateway (file SHA-1,
-    // chunk HMAC, AES), then one decrypt + HMAC verify per remote replica.
-    let seal = (1u64 << 30) as f64 / limits.hmac_aes_sha1;
-    let verify = (1u64 << 30) as f64 / limits.aes_then_sha1;
-    let needed = seal + (r.saturating_sub(1)) as f64 * verify;
-    let per_gib = cpu_up / gib;
     println!(
         "  upload    {:>8.0} MB/s  ({:.2} s)",
         args.size as f64 / up_secs / MB,
@@ -140,12 +138,7 @@ async fn measure(
         args.size as f64 / down_secs / MB,
         down_secs
     );
-    println!(
-        "  CPU per GiB stored, all nodes: {per_gib:.2} s; crypto it needs: {needed:.2} s \
-         (seal {seal:.2} + {} x verify {verify:.2}) -> {:.2} x",
-        r.saturating_sub(1),
-        per_gib / needed
-    );
+    print_stored_cpu(limits, r, &cpu_up, gib);
     println!(
         "  CPU per GiB downloaded, all nodes: {:.2} s",
         cpu_down / gib
@@ -280,14 +273,32 @@ fn chunk_path(data: &Path, id: &crate::crypto::ChunkId) -> std::path::PathBuf {
     data.join("chunks").join(crate::store::shard_path(id))
 }
 
-fn proc_cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may contain spaces) start at ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Some((utime + stime) / ticks)
+/// CPU per GiB stored against the crypto it needs: the gateway's seal (file
+/// SHA-1, id, encryption, tag) and one tag check per remote copy; the peer
+/// channel's AES-GCM (sealed by the sender, opened by the receiver of each
+/// remote copy) is shown apart. Then each node's share: a receiving replica
+/// checks the tag (no decryption) and writes the bytes.
+fn print_stored_cpu(limits: &MachineLimits, r: usize, cpu_up: &[f64], gib: f64) {
+    let remote = r.saturating_sub(1) as f64;
+    let seal = MachineLimits::secs_per_gib(limits.seal);
+    let verify = MachineLimits::secs_per_gib(limits.verify);
+    let channel = 2.0 * remote * MachineLimits::secs_per_gib(limits.channel);
+    let needed = seal + remote * verify;
+    let per_gib = cpu_up.iter().sum::<f64>() / gib;
+    println!(
+        "  CPU per GiB stored, all nodes: {per_gib:.2} s; crypto it needs: {needed:.2} s \
+         (seal {seal:.2} + {remote} x tag check {verify:.2}) -> {:.2} x; \
+         with the peer channel's AES-GCM ({channel:.2} s): {:.2} x",
+        per_gib / needed,
+        per_gib / (needed + channel)
+    );
+    let shares: Vec<String> = cpu_up
+        .iter()
+        .enumerate()
+        .map(|(i, cpu)| format!("node{} {:.2} s", i + 1, cpu / gib))
+        .collect();
+    println!(
+        "  CPU per GiB stored by node (node1 is the gateway): {}",
+        shares.join(", ")
+    );
 }

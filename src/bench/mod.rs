@@ -11,9 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aes::cipher::{KeyIvInit, StreamCipher};
 use clap::Args;
-use sha1::{Digest, Sha1};
 use tokio::io::{AsyncRead, ReadBuf};
 
 use crate::{
@@ -69,15 +67,9 @@ pub struct BenchArgs {
 
 mod cluster;
 mod hostile;
+mod machine;
 
-/// The machine's own limits, measured on one core.
-struct MachineLimits {
-    sha1: f64,
-    aes_ctr: f64,
-    aes_then_sha1: f64,
-    hmac_aes_sha1: f64,
-    disk_write_fdatasync: f64,
-}
+use machine::MachineLimits;
 
 const MB: f64 = 1_000_000.0;
 
@@ -103,29 +95,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.concurrency
     );
     let limits =
-        tokio::task::block_in_place(|| measure_machine(scratch.path(), args.disk_test_size))?;
-    println!("machine (one core unless noted):");
-    println!(
-        "  SHA-1                          {:>8.0} MB/s",
-        limits.sha1 / MB
-    );
-    println!(
-        "  AES-256-CTR                    {:>8.0} MB/s",
-        limits.aes_ctr / MB
-    );
-    println!(
-        "  AES-256-CTR then SHA-1         {:>8.0} MB/s",
-        limits.aes_then_sha1 / MB
-    );
-    println!(
-        "  SHA-1 + HMAC-SHA1 + AES (seal) {:>8.0} MB/s",
-        limits.hmac_aes_sha1 / MB
-    );
-    println!(
-        "  sequential write + fdatasync   {:>8.0} MB/s  (4 MiB blocks, {} total)",
-        limits.disk_write_fdatasync / MB,
-        format_size(args.disk_test_size)
-    );
+        tokio::task::block_in_place(|| machine::measure(scratch.path(), args.disk_test_size))?;
+    limits.print(args.disk_test_size);
 
     if args.nodes > 1 {
         return cluster::run(&args, &limits, scratch.path()).await;
@@ -139,7 +110,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             a
         }
     };
-    let result = run_against(&addr, &args, &limits).await;
+    let pid = child.as_ref().and_then(|c| c.id());
+    let result = run_against(&addr, pid, &args, &limits).await;
     if let Some(mut c) = child {
         let _ = c.start_kill();
         let _ = c.wait().await;
@@ -175,44 +147,72 @@ async fn run_hostile(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
     hostile::run(addr, ops, peak).await
 }
 
-async fn run_against(addr: &str, args: &BenchArgs, limits: &MachineLimits) -> anyhow::Result<()> {
+async fn run_against(
+    addr: &str,
+    pid: Option<u32>,
+    args: &BenchArgs,
+    limits: &MachineLimits,
+) -> anyhow::Result<()> {
     let mut client = Client::connect(addr, std::env::var("DFS_TOKEN").ok()).await?;
     let rss_before = client.status().await?.peak_rss_bytes;
+    // The node's CPU seconds (user + system), when the bench started it.
+    let node_cpu = || pid.and_then(proc_cpu_seconds);
 
     let key = format!("bench/{}", std::process::id());
     let header = UploadHeader {
         key: key.clone(),
         ..Default::default()
     };
-    let started = Instant::now();
+    let up = Measured::start(node_cpu());
     let info = client
         .upload(header, RandomReader::new(args.size, 0x5eed_1234), |_| {})
         .await?;
-    let up_secs = started.elapsed().as_secs_f64();
+    let up = up.stop(args.size, node_cpu());
     let rss_after_upload = client.status().await?.peak_rss_bytes;
 
-    let started = Instant::now();
+    let down = Measured::start(node_cpu());
     let (_, got) = client.download_discard(Client::key_request(&key)).await?;
-    let down_secs = started.elapsed().as_secs_f64();
+    let down = down.stop(args.size, node_cpu());
     anyhow::ensure!(got == info.size, "downloaded {got} bytes of {}", info.size);
+    let (get, get_client_cpu) = dfs_get_to_null(addr, &key, args.size, node_cpu).await?;
     let status = client.status().await?;
     client.delete(&key).await?;
 
-    let up = args.size as f64 / up_secs;
-    let down = args.size as f64 / down_secs;
     println!("node {addr}:");
     println!(
         "  upload    {:>8.0} MB/s  ({:.2} s)  = {:.2} x disk write+fdatasync",
-        up / MB,
-        up_secs,
-        up / limits.disk_write_fdatasync
+        up.rate / MB,
+        up.secs,
+        up.rate / limits.disk_write_fdatasync
     );
     println!(
-        "  download  {:>8.0} MB/s  ({:.2} s)  = {:.2} x AES-256-CTR then SHA-1",
-        down / MB,
-        down_secs,
-        down / limits.aes_then_sha1
+        "  download  {:>8.0} MB/s  ({:.2} s)  = {:.2} x decrypt + verify (one core)",
+        down.rate / MB,
+        down.secs,
+        down.rate / limits.open
     );
+    println!(
+        "  dfs get -o /dev/null  {:>8.0} MB/s  ({:.2} s)  = {:.2} x decrypt + verify (one core); \
+         client CPU {:.2} s per GiB (it checks the whole-file SHA-1)",
+        get.rate / MB,
+        get.secs,
+        get.rate / limits.open,
+        get_client_cpu / up.gib
+    );
+    if let (Some(u), Some(d), Some(g)) = (up.cpu_per_gib, down.cpu_per_gib, get.cpu_per_gib) {
+        let read = MachineLimits::secs_per_gib(limits.open);
+        let read_v1 = MachineLimits::secs_per_gib(limits.open_v1);
+        let seal = MachineLimits::secs_per_gib(limits.seal);
+        println!(
+            "  node CPU per GiB downloaded: {d:.2} s ({g:.2} s under dfs get) = {:.2} x the crypto \
+             a verified read needs ({read:.2} s; format 1 needed {read_v1:.2} s)",
+            d / read
+        );
+        println!(
+            "  node CPU per GiB uploaded:   {u:.2} s = {:.2} x its crypto (file SHA-1 + seal, {seal:.2} s)",
+            u / seal
+        );
+    }
     println!(
         "  node peak RSS (VmHWM): {} at start, {} after upload, {} after download",
         format_size(rss_before),
@@ -224,6 +224,86 @@ async fn run_against(addr: &str, args: &BenchArgs, limits: &MachineLimits) -> an
         small_objects(client, args.small_objects, args.concurrency).await?;
     }
     Ok(())
+}
+
+/// One timed transfer: wall time, rate and (when known) the node's CPU.
+struct Measured {
+    secs: f64,
+    rate: f64,
+    gib: f64,
+    cpu_per_gib: Option<f64>,
+}
+
+struct Started(Instant, Option<f64>);
+
+impl Measured {
+    fn start(cpu: Option<f64>) -> Started {
+        Started(Instant::now(), cpu)
+    }
+}
+
+impl Started {
+    fn stop(self, bytes: u64, cpu: Option<f64>) -> Measured {
+        let secs = self.0.elapsed().as_secs_f64();
+        let gib = bytes as f64 / (1u64 << 30) as f64;
+        Measured {
+            secs,
+            rate: bytes as f64 / secs,
+            gib,
+            cpu_per_gib: self.1.zip(cpu).map(|(a, b)| (b - a) / gib),
+        }
+    }
+}
+
+/// Runs `dfs get KEY -o /dev/null` (which checks the whole-file SHA-1 as a
+/// user's download does). Returns the measurement and the command's CPU
+/// seconds.
+async fn dfs_get_to_null(
+    addr: &str,
+    key: &str,
+    size: u64,
+    node_cpu: impl Fn() -> Option<f64>,
+) -> anyhow::Result<(Measured, f64)> {
+    let children_before = children_cpu_seconds();
+    let started = Measured::start(node_cpu());
+    let out = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["get", "--node", addr, key, "-o", "/dev/null"])
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await?;
+    let measured = started.stop(size, node_cpu());
+    anyhow::ensure!(
+        out.status.success(),
+        "dfs get failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok((measured, children_cpu_seconds() - children_before))
+}
+
+/// CPU seconds (user + system) of this process's children that have ended.
+fn children_cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes only into the struct it is given.
+    let usage = unsafe {
+        let mut usage = std::mem::zeroed::<libc::rusage>();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
+        usage
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
+/// A process's CPU seconds (user + system) so far, from `/proc/<pid>/stat`.
+fn proc_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start at ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some((utime + stime) / ticks)
 }
 
 /// Many 4 KiB uploads from concurrent clients: objects/s and latency.
@@ -300,75 +380,6 @@ async fn start_node(dir: &Path, extra: &str) -> anyhow::Result<(tokio::process::
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-fn measure_machine(dir: &Path, disk_bytes: u64) -> anyhow::Result<MachineLimits> {
-    const CHUNK: usize = 4 << 20;
-    const ROUNDS: usize = 64; // 256 MiB per CPU figure
-    let mut buf = vec![0u8; CHUNK];
-    RandomReader::new(0, 7).fill(&mut buf);
-    let total = (CHUNK * ROUNDS) as f64;
-    let key = [7u8; 32];
-    let iv = [9u8; 16];
-    let keys = crate::crypto::Keys::derive(&crate::crypto::ClusterSecret::generate());
-
-    let rate = |f: &mut dyn FnMut()| {
-        let t = Instant::now();
-        f();
-        total / t.elapsed().as_secs_f64()
-    };
-    let sha1 = rate(&mut || {
-        let mut h = Sha1::new();
-        for _ in 0..ROUNDS {
-            h.update(&buf);
-        }
-        std::hint::black_box(h.finalize());
-    });
-    let aes_ctr = rate(&mut || {
-        for _ in 0..ROUNDS {
-            let mut c = ctr::Ctr128BE::<aes::Aes256>::new(&key.into(), &iv.into());
-            c.apply_keystream(&mut buf);
-        }
-    });
-    let aes_then_sha1 = rate(&mut || {
-        for _ in 0..ROUNDS {
-            let mut c = ctr::Ctr128BE::<aes::Aes256>::new(&key.into(), &iv.into());
-            c.apply_keystream(&mut buf);
-            std::hint::black_box(Sha1::digest(&buf));
-        }
-    });
-    let mut sealed = vec![0u8; CHUNK + crate::crypto::HEADER_LEN];
-    let hmac_aes_sha1 = rate(&mut || {
-        let mut file = Sha1::new();
-        for _ in 0..ROUNDS {
-            file.update(&sealed[crate::crypto::HEADER_LEN..]);
-            std::hint::black_box(keys.seal_in_place(&mut sealed));
-        }
-        std::hint::black_box(file.finalize());
-    });
-
-    let path = dir.join("disk-test");
-    let disk_write_fdatasync = {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&path)?;
-        let blocks = (disk_bytes as usize).div_ceil(CHUNK).max(1);
-        let t = Instant::now();
-        for _ in 0..blocks {
-            f.write_all(&buf)?;
-            f.sync_data()?;
-        }
-        let r = (blocks * CHUNK) as f64 / t.elapsed().as_secs_f64();
-        drop(f);
-        std::fs::remove_file(&path)?;
-        r
-    };
-    Ok(MachineLimits {
-        sha1,
-        aes_ctr,
-        aes_then_sha1,
-        hmac_aes_sha1,
-        disk_write_fdatasync,
-    })
 }
 
 /// An endless-looking stream of pseudo-random bytes of a set length. Every

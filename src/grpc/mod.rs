@@ -8,6 +8,7 @@ mod auth;
 mod cluster;
 pub mod codec;
 pub mod conn;
+mod download;
 pub mod limits;
 mod storage;
 
@@ -163,6 +164,7 @@ pub async fn serve(
     let storage = StorageServer::new(StorageService::new(node.clone(), lim.idle_timeout))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let storage = download::ZeroCopyDownload::new(storage, node.clone());
     let cluster = ClusterServer::new(ClusterService::new(
         node.clone(),
         local.to_string(),

@@ -103,11 +103,7 @@ impl Storage for StorageService {
         request: Request<DownloadRequest>,
     ) -> Result<Response<DownloadStream>, Status> {
         let req = request.into_inner();
-        let target = match req.target {
-            Some(download_request::Target::Key(k)) => Target::Key(k),
-            Some(download_request::Target::Sha1(s)) => Target::Sha1(s),
-            None => return Err(Status::invalid_argument("give a key or a sha1 to download")),
-        };
+        let target = download_target(req.target)?;
         let download = self
             .node
             .download(&target, req.offset, req.length)
@@ -186,13 +182,23 @@ impl Storage for StorageService {
     }
 }
 
-/// Largest data message sent to a client. Each one is copied as it is
-/// encoded, and HTTP/2 holds up to two of them for a client that reads
-/// slowly, outside the buffer budget: small messages keep that small.
-const SENT_MESSAGE_BYTES: usize = 256 << 10;
+/// What a download is of.
+pub(super) fn download_target(target: Option<download_request::Target>) -> Result<Target, Status> {
+    match target {
+        Some(download_request::Target::Key(k)) => Ok(Target::Key(k)),
+        Some(download_request::Target::Sha1(s)) => Ok(Target::Sha1(s)),
+        None => Err(Status::invalid_argument("give a key or a sha1 to download")),
+    }
+}
+
+/// Largest data message sent to a client, as the node's own download path
+/// (`super::download`) sends them.
+const SENT_MESSAGE_BYTES: usize = super::download::MESSAGE_BYTES;
 
 /// Cuts the node's data into messages of at most [`SENT_MESSAGE_BYTES`]
-/// (slices of the same buffers: no copy).
+/// (slices of the same buffers: no copy). The node serves downloads
+/// through `super::download`, which also skips tonic's encoding copy; this
+/// path answers when the generated service is used on its own.
 struct SplitMessages<S> {
     inner: S,
     rest: Bytes,

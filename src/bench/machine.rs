@@ -1,0 +1,176 @@
+//! The machine's own limits, measured in the same run as the node: the
+//! single-core cost of the crypto each path needs, done with the node's own
+//! code (`crypto::Keys`), and the disk's sequential write + fdatasync. Every
+//! ratio the bench prints divides by one of these.
+
+use std::{path::Path, time::Instant};
+
+use aes::cipher::{KeyIvInit, StreamCipher};
+use sha1::{Digest, Sha1};
+
+use super::{MB, RandomReader};
+use crate::crypto::{ClusterSecret, HEADER_LEN, IV_LEN, Keys};
+
+/// Bytes per second, one core, unless noted.
+pub(super) struct MachineLimits {
+    pub sha1: f64,
+    pub aes_ctr: f64,
+    pub blake3: f64,
+    /// What a verified read needs per byte: check a format 2 chunk's tag
+    /// and decrypt it ("decrypt + verify").
+    pub open: f64,
+    /// What a replica, the scrubber or a dedup hit needs: the tag check.
+    pub verify: f64,
+    /// What an upload needs at the gateway: the whole-file SHA-1 and the
+    /// seal (id, encryption, tag).
+    pub seal: f64,
+    /// The peer channel's AES-256-GCM (ring), paid once by the sender and
+    /// once by the receiver of every byte between nodes.
+    pub channel: f64,
+    /// A format 1 read (AES-256-CTR, then HMAC-SHA1 of the plaintext): what
+    /// a verified read needed before format 2, for comparison.
+    pub open_v1: f64,
+    pub disk_write_fdatasync: f64,
+}
+
+impl MachineLimits {
+    /// Seconds of one core per GiB at `rate` bytes per second.
+    pub fn secs_per_gib(rate: f64) -> f64 {
+        (1u64 << 30) as f64 / rate
+    }
+
+    pub fn print(&self, disk_bytes: u64) {
+        println!("machine (one core unless noted):");
+        let line = |name: &str, rate: f64| println!("  {name:<46} {:>8.0} MB/s", rate / MB);
+        line("SHA-1", self.sha1);
+        line("AES-256-CTR", self.aes_ctr);
+        line("keyed BLAKE3", self.blake3);
+        line("read: tag check + decrypt (decrypt + verify)", self.open);
+        line("replica, scrub: tag check", self.verify);
+        line("upload: file SHA-1 + seal (id, encrypt, tag)", self.seal);
+        line("peer channel: AES-256-GCM (ring)", self.channel);
+        line("format 1 read: AES-256-CTR then HMAC-SHA1", self.open_v1);
+        println!(
+            "  {:<46} {:>8.0} MB/s  (4 MiB blocks, {} total)",
+            "sequential write + fdatasync",
+            self.disk_write_fdatasync / MB,
+            crate::units::format_size(disk_bytes)
+        );
+    }
+}
+
+const CHUNK: usize = 4 << 20;
+const ROUNDS: usize = 64; // 256 MiB per CPU figure
+
+/// Runs every measurement; blocking.
+pub(super) fn measure(dir: &Path, disk_bytes: u64) -> anyhow::Result<MachineLimits> {
+    let mut plain = vec![0u8; CHUNK];
+    RandomReader::new(0, 7).fill(&mut plain);
+    let keys = Keys::derive(&ClusterSecret::generate());
+    let key = [7u8; 32];
+    let iv = [9u8; 16];
+
+    let sha1 = rate(|| {
+        let mut h = Sha1::new();
+        for _ in 0..ROUNDS {
+            h.update(&plain);
+        }
+        std::hint::black_box(h.finalize());
+    });
+    let mut buf = plain.clone();
+    let aes_ctr = rate(|| {
+        for _ in 0..ROUNDS {
+            let mut c = ctr::Ctr128BE::<aes::Aes256>::new(&key.into(), &iv.into());
+            c.apply_keystream(&mut buf);
+        }
+    });
+    let blake3 = rate(|| {
+        for _ in 0..ROUNDS {
+            std::hint::black_box(blake3::keyed_hash(&key, &plain));
+        }
+    });
+    let mut sealed = [&[0u8; HEADER_LEN][..], &plain].concat();
+    let seal = rate(|| {
+        let mut file = Sha1::new();
+        for _ in 0..ROUNDS {
+            file.update(&sealed[HEADER_LEN..]);
+            std::hint::black_box(keys.seal_in_place(&mut sealed));
+        }
+        std::hint::black_box(file.finalize());
+    });
+    let id = keys.seal_in_place(&mut sealed);
+    let verify = rate(|| {
+        for _ in 0..ROUNDS {
+            keys.verify_sealed(&sealed, &id)
+                .expect("own chunk verifies");
+        }
+    });
+    let open = rate_of_opens(&keys, &plain, HEADER_LEN, |k, b| k.seal_in_place(b));
+    let open_v1 = rate_of_opens(&keys, &plain, IV_LEN, |k, b| k.seal_v1_in_place(b));
+    let channel = {
+        use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+        let gcm = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &key).expect("32-byte key"));
+        rate(|| {
+            for i in 0..ROUNDS {
+                let nonce = Nonce::assume_unique_for_key([i as u8; 12]);
+                let tag = gcm.seal_in_place_separate_tag(nonce, Aad::empty(), &mut buf);
+                let _ = std::hint::black_box(tag.expect("sealed"));
+            }
+        })
+    };
+    Ok(MachineLimits {
+        sha1,
+        aes_ctr,
+        blake3,
+        open,
+        verify,
+        seal,
+        channel,
+        open_v1,
+        disk_write_fdatasync: disk(dir, disk_bytes, &plain)?,
+    })
+}
+
+/// Bytes per second of `f`, which processes `ROUNDS` chunks.
+fn rate(mut f: impl FnMut()) -> f64 {
+    let t = Instant::now();
+    f();
+    (CHUNK * ROUNDS) as f64 / t.elapsed().as_secs_f64()
+}
+
+/// Opening decrypts in place, so every round opens a fresh sealing (made
+/// outside the timed part).
+fn rate_of_opens(
+    keys: &Keys,
+    plain: &[u8],
+    header: usize,
+    seal: impl Fn(&Keys, &mut [u8]) -> crate::crypto::ChunkId,
+) -> f64 {
+    let mut buf = vec![0u8; header + plain.len()];
+    let mut spent = 0.0;
+    for _ in 0..ROUNDS {
+        buf[header..].copy_from_slice(plain);
+        let id = seal(keys, &mut buf);
+        let t = Instant::now();
+        let at = keys.open_in_place(&mut buf, &id).expect("own chunk opens");
+        spent += t.elapsed().as_secs_f64();
+        std::hint::black_box(at);
+    }
+    (CHUNK * ROUNDS) as f64 / spent
+}
+
+fn disk(dir: &Path, disk_bytes: u64, block: &[u8]) -> anyhow::Result<f64> {
+    use std::io::Write;
+    let path = dir.join("disk-test");
+    let mut f = std::fs::File::create(&path)?;
+    let blocks = (disk_bytes as usize).div_ceil(CHUNK).max(1);
+    let t = Instant::now();
+    for _ in 0..blocks {
+        f.write_all(block)?;
+        f.sync_data()?;
+    }
+    let r = (blocks * CHUNK) as f64 / t.elapsed().as_secs_f64();
+    drop(f);
+    std::fs::remove_file(&path)?;
+    Ok(r)
+}
