@@ -5,7 +5,7 @@
 //! ```text
 //! offset  0  magic "dfschnk2"     8 bytes, names the format
 //!         8  IV                   16 random bytes
-//!        24  tag                  32 bytes: BLAKE3-keyed(K_mac, magic || IV || ciphertext || id)
+//!        24  tag                  32 bytes: BLAKE3-keyed(K_mac, ciphertext || magic || IV || id)
 //!        56  ciphertext           AES-256-CTR(K_enc, IV, plaintext), 128-bit big-endian counter
 //!
 //! id = the first 20 bytes of BLAKE3-keyed(K_id2, plaintext)
@@ -15,8 +15,11 @@
 //! sealed chunk and its id checks it with one keyed hash of the bytes as
 //! they are: a replica receiving a copy, the scrubber, a dedup hit and a
 //! peer serving a chunk never decrypt. Only a read for a client decrypts,
-//! in the same pass as the check. The id comes last in the tag's input so
-//! that sealing computes id, ciphertext and tag in one pass over the chunk.
+//! in the same pass as the check. The ciphertext comes first in the tag's
+//! input so that BLAKE3 sees it on its 1 KiB chunk boundaries, where it
+//! hashes many chunks at once (after a 24-byte prefix, updates of 64 KiB
+//! ran at half the speed); the fixed-length fields follow, the id last, so
+//! sealing computes id, ciphertext and tag in one pass over the chunk.
 //!
 //! Format 1, written before (read, never written): `IV (16 random bytes) ||
 //! AES-256-CTR(K_enc, IV, plaintext)`, named by `HMAC-SHA1(K_id, plaintext)`;
@@ -91,17 +94,16 @@ impl Keys {
         rand::rng().fill_bytes(&mut iv);
         let mut cipher = Aes256Ctr::new(&self.enc.into(), &iv.into());
         let mut id_hash = blake3::Hasher::new_keyed(&self.id2);
-        let mut tag = self.tag_hasher(&iv);
+        let mut tag = blake3::Hasher::new_keyed(&self.mac);
         for piece in body.chunks_mut(PIECE) {
             id_hash.update(piece);
             cipher.apply_keystream(piece);
             tag.update(piece);
         }
         let id = id_of(id_hash.finalize());
-        tag.update(&id.0);
         head[..IV_AT].copy_from_slice(&MAGIC_V2);
         head[IV_AT..TAG_AT].copy_from_slice(&iv);
-        head[TAG_AT..].copy_from_slice(tag.finalize().as_bytes());
+        head[TAG_AT..].copy_from_slice(tag_end(tag, &iv, &id).as_bytes());
         id
     }
 
@@ -150,14 +152,6 @@ impl Keys {
         id
     }
 
-    /// The tag's hasher, fed with what precedes the ciphertext.
-    fn tag_hasher(&self, iv: &[u8]) -> blake3::Hasher {
-        let mut tag = blake3::Hasher::new_keyed(&self.mac);
-        tag.update(&MAGIC_V2);
-        tag.update(iv);
-        tag
-    }
-
     /// Checks and decrypts a format 2 chunk in one pass. On failure the
     /// bytes are restored (CTR is its own inverse), so the caller can still
     /// try them as format 1.
@@ -167,14 +161,13 @@ impl Keys {
         }
         let (head, body) = buf.split_at_mut(HEADER_LEN);
         let iv = &head[IV_AT..TAG_AT];
-        let mut tag = self.tag_hasher(iv);
+        let mut tag = blake3::Hasher::new_keyed(&self.mac);
         let mut cipher = self.cipher(iv);
         for piece in body.chunks_mut(PIECE) {
             tag.update(piece);
             cipher.apply_keystream(piece);
         }
-        tag.update(&expected.0);
-        if tag_matches(&tag, &head[TAG_AT..]) {
+        if tag_matches(tag_end(tag, iv, expected), &head[TAG_AT..]) {
             return Ok(());
         }
         self.cipher(iv).apply_keystream(body);
@@ -186,10 +179,12 @@ impl Keys {
             return Err(CryptoError::HeaderTooShort(sealed.len()));
         }
         let (head, body) = sealed.split_at(HEADER_LEN);
-        let mut tag = self.tag_hasher(&head[IV_AT..TAG_AT]);
+        let mut tag = blake3::Hasher::new_keyed(&self.mac);
         tag.update(body);
-        tag.update(&expected.0);
-        if tag_matches(&tag, &head[TAG_AT..]) {
+        if tag_matches(
+            tag_end(tag, &head[IV_AT..TAG_AT], expected),
+            &head[TAG_AT..],
+        ) {
             Ok(())
         } else {
             Err(CryptoError::BadTag(*expected))
@@ -251,10 +246,19 @@ fn id_of(hash: blake3::Hash) -> ChunkId {
     ChunkId(id)
 }
 
+/// Finishes a tag whose hasher has seen the whole ciphertext: the format
+/// marker, the IV and the id follow it.
+fn tag_end(mut tag: blake3::Hasher, iv: &[u8], id: &ChunkId) -> blake3::Hash {
+    tag.update(&MAGIC_V2);
+    tag.update(iv);
+    tag.update(&id.0);
+    tag.finalize()
+}
+
 /// Compares a computed tag with a stored one in constant time (BLAKE3's
 /// `Hash` equality), so a forger learns nothing from how long it takes.
-fn tag_matches(computed: &blake3::Hasher, stored: &[u8]) -> bool {
-    <[u8; TAG_LEN]>::try_from(stored).is_ok_and(|stored| computed.finalize() == stored)
+fn tag_matches(computed: blake3::Hash, stored: &[u8]) -> bool {
+    <[u8; TAG_LEN]>::try_from(stored).is_ok_and(|stored| computed == stored)
 }
 
 #[cfg(test)]
