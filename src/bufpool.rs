@@ -14,6 +14,8 @@ use bytes::Bytes;
 const POOLED: usize = 6;
 /// Buffers smaller than this are not worth pooling.
 const MIN_CAPACITY: usize = 1 << 20;
+/// Pooled buffers are allocated in multiples of this.
+const SIZE_STEP: usize = 64 << 10;
 
 static POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 
@@ -35,6 +37,9 @@ pub fn take(capacity: usize) -> Vec<u8> {
             buf.clear();
             return buf;
         }
+        // Rounded up, so that requests a few bytes apart (a chunk to seal,
+        // a chunk to read at an aligned offset) can reuse each other's.
+        return Vec::with_capacity(capacity.next_multiple_of(SIZE_STEP));
     }
     Vec::with_capacity(capacity)
 }

@@ -16,7 +16,7 @@
 
 use std::{
     fs::{self, File},
-    io::{self, Read, Write},
+    io::{self, Read},
     path::{Path, PathBuf},
     sync::{
         Mutex,
@@ -26,6 +26,10 @@ use std::{
 };
 
 use crate::crypto::ChunkId;
+
+mod direct;
+
+pub use direct::READ_SLACK;
 
 /// Lock stripes that order a dedup hit's "exists, refresh mtime" against the
 /// collector's "stale, delete" for the same chunk. 64 keeps contention
@@ -178,8 +182,10 @@ impl ChunkStore {
         let path = self.path_of(id);
         {
             let _guard = self.stripe(id);
-            if let Some(existing) = self.read_existing(&path, sealed.len())? {
-                if is_good(&existing) {
+            if let Some((existing, start)) = self.read_existing(&path, sealed.len())? {
+                let good = is_good(&existing[start..]);
+                crate::bufpool::give(existing);
+                if good {
                     // Refreshing the mtime tells the collector this chunk is
                     // in use again; the stripe lock orders it against a
                     // deletion.
@@ -229,15 +235,17 @@ impl ChunkStore {
         })
     }
 
-    /// The bytes of an existing chunk file, if there is one; a file whose
-    /// length differs from `expected_len` (every sealing of one plaintext has
-    /// the same length) comes back empty so that it is judged bad unread.
+    /// The bytes of an existing chunk file, if there is one, from the
+    /// returned offset on (a pooled buffer, read around the page cache as
+    /// the chunk was written); a file whose length differs from
+    /// `expected_len` (every sealing of one plaintext has the same length)
+    /// comes back empty so that it is judged bad unread.
     fn read_existing(
         &self,
         path: &Path,
         expected_len: usize,
-    ) -> Result<Option<Vec<u8>>, StoreError> {
-        let file = match File::open(path) {
+    ) -> Result<Option<(Vec<u8>, usize)>, StoreError> {
+        let mut file = match direct::open_read(path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(StoreError::io("open", path, e)),
@@ -247,13 +255,12 @@ impl ChunkStore {
             .map_err(|e| StoreError::io("stat", path, e))?
             .len();
         if len != expected_len as u64 {
-            return Ok(Some(Vec::new()));
+            return Ok(Some((Vec::new(), 0)));
         }
-        let mut buf = Vec::with_capacity(expected_len);
-        file.take(expected_len as u64)
-            .read_to_end(&mut buf)
+        let mut buf = crate::bufpool::take(expected_len + READ_SLACK);
+        let start = direct::read_all(&mut file, expected_len, &mut buf)
             .map_err(|e| StoreError::io("read", path, e))?;
-        Ok(Some(buf))
+        Ok(Some((buf, start)))
     }
 
     /// Writes `bytes` to `tmp`, fsyncs, and renames it to `dest`. Returns
@@ -268,13 +275,10 @@ impl ChunkStore {
         dest: &Path,
         bytes: &[u8],
     ) -> Result<bool, StoreError> {
-        let mut file = File::options()
-            .write(true)
-            .create_new(true)
-            .open(tmp)
-            .map_err(|e| StoreError::io("create", tmp, e))?;
-        file.write_all(bytes)
-            .map_err(|e| StoreError::io("write", tmp, e))?;
+        // Large chunks bypass the page cache (see `direct`).
+        let file =
+            direct::create_new(tmp, bytes.len()).map_err(|e| StoreError::io("create", tmp, e))?;
+        direct::write_all(&file, bytes).map_err(|e| StoreError::io("write", tmp, e))?;
         failpoint::hit(failpoint::Stage::BeforeSync)
             .map_err(|e| StoreError::io("write", tmp, e))?;
         file.sync_data()
@@ -313,21 +317,39 @@ impl ChunkStore {
     /// without being read, so a foreign file cannot make the node allocate
     /// more than one chunk's worth. Blocking.
     pub fn read(&self, id: &ChunkId, max_len: usize) -> Result<Vec<u8>, StoreError> {
-        let mut buf = Vec::new();
-        self.read_into(id, max_len, &mut buf)?;
+        let (path, file, len) = self.open_chunk(id, max_len, |p| File::open(p))?;
+        let mut buf = Vec::with_capacity(len);
+        file.take(len as u64 + 1)
+            .read_to_end(&mut buf)
+            .map_err(|e| StoreError::io("read", &path, e))?;
         Ok(buf)
     }
 
     /// Like [`ChunkStore::read`], into a caller's (reused) buffer, which is
-    /// cleared first.
+    /// cleared first, and bypassing the page cache where it can (see
+    /// `direct`): the bytes start at the returned offset, `buf[start..]`.
+    /// With [`READ_SLACK`] bytes of capacity beyond `max_len`, `buf` never
+    /// grows.
     pub fn read_into(
         &self,
         id: &ChunkId,
         max_len: usize,
         buf: &mut Vec<u8>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<usize, StoreError> {
+        let (path, mut file, len) = self.open_chunk(id, max_len, direct::open_read)?;
+        direct::read_all(&mut file, len, buf).map_err(|e| StoreError::io("read", &path, e))
+    }
+
+    /// Opens a chunk file with `open` and checks its length against
+    /// `max_len`: its path, the file and its length.
+    fn open_chunk(
+        &self,
+        id: &ChunkId,
+        max_len: usize,
+        open: impl Fn(&Path) -> io::Result<File>,
+    ) -> Result<(PathBuf, File, usize), StoreError> {
         let path = self.path_of(id);
-        let file = match File::open(&path) {
+        let file = match open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::NotFound(*id)),
             Err(e) => return Err(StoreError::io("open", &path, e)),
@@ -342,12 +364,7 @@ impl ChunkStore {
                 reason: format!("file is {len} bytes, more than the largest chunk ({max_len})"),
             });
         }
-        buf.clear();
-        buf.reserve_exact(len as usize);
-        file.take(max_len as u64 + 1)
-            .read_to_end(buf)
-            .map_err(|e| StoreError::io("read", &path, e))?;
-        Ok(())
+        Ok((path, file, len as usize))
     }
 
     /// Moves a chunk that failed verification out of the way, keeping it for

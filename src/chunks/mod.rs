@@ -155,10 +155,12 @@ impl Chunks {
     }
 
     /// Reads a local chunk into `buf` and decrypts it in place. On success
-    /// returns where the plaintext starts in `buf` (the header before it
-    /// differs by format); it is verified against `id`. A copy that fails is
+    /// returns where the plaintext starts in `buf` (the file is read to an
+    /// aligned offset, and the header before the plaintext differs by
+    /// format); it is verified against `id`. A copy that fails is
     /// quarantined. `max_len` bounds the file read (the record's chunk size
-    /// plus the header). Blocking.
+    /// plus the header); `buf` needs `store::READ_SLACK` bytes of capacity
+    /// beyond it. Blocking.
     pub fn open_local(
         &self,
         id: &ChunkId,
@@ -166,12 +168,14 @@ impl Chunks {
         buf: &mut Vec<u8>,
     ) -> Result<usize, ChunkError> {
         let max_len = max_len.min(self.max_sealed);
-        self.store
+        let start = self
+            .store
             .read_into(id, max_len, buf)
             .map_err(|e| self.failed(id, e))?;
-        self.keys
-            .open_in_place(buf, id)
-            .map_err(|e| self.failed(id, corrupt(id, e)))
+        match self.keys.open_in_place(&mut buf[start..], id) {
+            Ok(offset) => Ok(start + offset),
+            Err(e) => Err(self.failed(id, corrupt(id, e))),
+        }
     }
 
     /// Checks sealed bytes that arrived from a peer against their id and

@@ -41,6 +41,13 @@ pub const CONNECTION_WINDOW_BYTES: u32 = 4 << 20;
 /// buffer budget, or for its own pipeline) keeps that much buffered.
 pub const SERVER_STREAM_WINDOW_BYTES: u32 = 512 << 10;
 
+/// Largest HTTP/2 frame the node accepts (what an upload's data arrives
+/// in). HTTP/2 reads each frame into one buffer; at 1 MiB every frame took a
+/// fresh mapping that the kernel zero-filled as the socket data was copied
+/// in (a fifth of an upload's CPU); 64 KiB buffers are reused, and an upload
+/// cost the node 25% less CPU than with 1 MiB or 16 KiB frames.
+pub const SERVER_MAX_FRAME_BYTES: u32 = 64 << 10;
+
 /// The node's HTTP/2 receive window per connection: room for every stream
 /// it allows at once. A smaller one would let streams that wait for buffer
 /// budget, their data unread, use up the connection's window, so that a
@@ -203,7 +210,7 @@ pub async fn serve(
         .initial_stream_window_size(SERVER_STREAM_WINDOW_BYTES)
         .initial_connection_window_size(server_connection_window(lim.max_streams_per_connection))
         .max_concurrent_streams(lim.max_streams_per_connection)
-        .max_frame_size(1 << 20)
+        .max_frame_size(SERVER_MAX_FRAME_BYTES)
         .http2_keepalive_interval(Some(lim.keepalive_interval))
         .http2_keepalive_timeout(Some(lim.keepalive_timeout))
         // Outermost, so calls the auth interceptor refuses (and shed calls)

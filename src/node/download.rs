@@ -208,7 +208,7 @@ impl Node {
         permit: crate::budget::BudgetPermit,
     ) -> ReadResult {
         let chunks = self.chunks.clone();
-        let mut buf = self.budget.take_buffer(max_len);
+        let mut buf = self.budget.take_buffer(max_len + crate::store::READ_SLACK);
         let local = tokio::task::spawn_blocking(move || {
             chunks
                 .open_local(&id, max_len, &mut buf)
