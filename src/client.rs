@@ -6,7 +6,7 @@ use std::path::Path;
 use bytes::Bytes;
 use sha1::{Digest, Sha1};
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt},
     sync::mpsc,
 };
 use tokio_stream::wrappers::ReceiverStream;
@@ -26,6 +26,26 @@ use crate::proto::{
 /// Bytes per upload data message: big enough to amortise per-message costs,
 /// small enough to stay far below every server's message limit.
 pub const UPLOAD_MESSAGE_BYTES: usize = 1 << 20;
+/// Received messages a download queues for its hashing and writing thread
+/// (a node sends at most 256 KiB per message, so about 2 MiB).
+pub const SINK_QUEUE: usize = 8;
+
+/// A download's sink: the SHA-1 of everything received, and the writes, in
+/// order. Returns the digest, the byte count and the writer.
+fn hash_and_write<W: std::io::Write>(
+    mut rx: mpsc::Receiver<Bytes>,
+    mut out: W,
+) -> std::io::Result<([u8; 20], u64, W)> {
+    let mut sha1 = Sha1::new();
+    let mut written = 0u64;
+    while let Some(bytes) = rx.blocking_recv() {
+        sha1.update(&bytes);
+        out.write_all(&bytes)?;
+        written += bytes.len() as u64;
+    }
+    out.flush()?;
+    Ok((sha1.finalize().into(), written, out))
+}
 
 /// Adds `authorization: Bearer <token>` when a token is set.
 #[derive(Clone)]
@@ -165,15 +185,21 @@ impl Client {
     }
 
     /// Streams an object (or a range of it) into `out`. Returns the object's
-    /// info and the SHA-1 of the bytes written.
+    /// info, the SHA-1 of the bytes written, their count, and `out`.
+    ///
+    /// The SHA-1 and the writes run on a blocking thread while this task
+    /// receives the next messages (handed over without copying, at most
+    /// [`SINK_QUEUE`] of them), so hashing overlaps the transfer instead of
+    /// following it: with the node's verified reads faster than SHA-1, the
+    /// client's hash is what bounds a download.
     pub async fn download<W>(
         &mut self,
         request: DownloadRequest,
-        out: &mut W,
+        out: W,
         progress: impl Fn(u64),
-    ) -> Result<(ObjectInfo, [u8; 20], u64), Status>
+    ) -> Result<(ObjectInfo, [u8; 20], u64, W), Status>
     where
-        W: AsyncWrite + Unpin,
+        W: std::io::Write + Send + 'static,
     {
         let mut stream = self.storage.download(request).await?.into_inner();
         let info = match stream.message().await? {
@@ -187,23 +213,30 @@ impl Client {
                 ));
             }
         };
-        let mut sha1 = Sha1::new();
-        let mut written = 0u64;
-        while let Some(m) = stream.message().await? {
-            let Some(download_response::Msg::Data(bytes)) = m.msg else {
-                return Err(Status::internal("node sent a second object info"));
-            };
-            sha1.update(&bytes);
-            out.write_all(&bytes)
-                .await
-                .map_err(|e| Status::aborted(format!("writing the output failed: {e}")))?;
-            written += bytes.len() as u64;
-            progress(bytes.len() as u64);
+        let (tx, rx) = mpsc::channel::<Bytes>(SINK_QUEUE);
+        let sink = tokio::task::spawn_blocking(move || hash_and_write(rx, out));
+        let received = async {
+            while let Some(m) = stream.message().await? {
+                let Some(download_response::Msg::Data(bytes)) = m.msg else {
+                    return Err(Status::internal("node sent a second object info"));
+                };
+                let n = bytes.len() as u64;
+                if tx.send(bytes).await.is_err() {
+                    break; // the sink failed; its error is reported below
+                }
+                progress(n);
+            }
+            Ok(())
         }
-        out.flush()
+        .await;
+        drop(tx);
+        let written = sink
             .await
-            .map_err(|e| Status::aborted(format!("writing the output failed: {e}")))?;
-        Ok((info, sha1.finalize().into(), written))
+            .map_err(|e| Status::internal(format!("download writer stopped: {e}")))?;
+        received?;
+        let (sha1, n, out) =
+            written.map_err(|e| Status::aborted(format!("writing the output failed: {e}")))?;
+        Ok((info, sha1, n, out))
     }
 
     /// A download request for a whole object by key.

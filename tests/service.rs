@@ -83,9 +83,8 @@ async fn storage_and_cluster_calls_need_the_right_token() {
         .await
         .expect("upload with the right token");
     assert_eq!(info.sha1, sha1_hex(&data));
-    let mut out = Vec::new();
-    let (_, sha, n) = client
-        .download(dfs::client::Client::key_request("k"), &mut out, |_| {})
+    let (_, sha, n, out) = client
+        .download(dfs::client::Client::key_request("k"), Vec::new(), |_| {})
         .await
         .unwrap();
     assert_eq!(out, data);

@@ -183,19 +183,23 @@ pub async fn get(args: GetArgs) -> anyhow::Result<()> {
         None => Some(PathBuf::from(default_file_name(&args.key)?)),
     };
     let Some(target) = target else {
-        let mut stdout = tokio::io::stdout();
-        let (info, sha1, _) = client.download(request, &mut stdout, |_| {}).await?;
+        // Standard output as a plain file (a duplicate of descriptor 1):
+        // unbuffered, with none of `Stdout`'s line handling.
+        use std::os::fd::AsFd;
+        let stdout = std::io::stdout().as_fd().try_clone_to_owned()?;
+        let (info, sha1, _, _) = client
+            .download(request, std::fs::File::from(stdout), |_| {})
+            .await?;
         return check_sha1(&info, &sha1);
     };
     // A device, FIFO or socket (`-o /dev/null`, a named pipe) is written in
     // place: renaming a file over it would replace the device itself.
     if std::fs::metadata(&target).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
-        let mut out = tokio::fs::OpenOptions::new()
+        let out = std::fs::OpenOptions::new()
             .write(true)
             .open(&target)
-            .await
             .with_context(|| format!("cannot open {}", target.display()))?;
-        let (info, sha1, _) = client.download(request, &mut out, |_| {}).await?;
+        let (info, sha1, _, _) = client.download(request, out, |_| {}).await?;
         return check_sha1(&info, &sha1);
     }
     // Write next to the target and rename at the end, so a failed download
@@ -208,20 +212,16 @@ pub async fn get(args: GetArgs) -> anyhow::Result<()> {
         .prefix(".dfs-partial-")
         .tempfile_in(&dir)
         .with_context(|| format!("cannot create a file in {}", dir.display()))?;
-    let (std_file, partial_path) = partial.into_parts();
-    let mut file = tokio::fs::File::from_std(std_file);
+    let (file, partial_path) = partial.into_parts();
     let bar = progress_bar(None);
     let tick = bar.clone();
-    let result = client
-        .download(request, &mut file, move |n| tick.inc(n))
-        .await;
+    let result = client.download(request, file, move |n| tick.inc(n)).await;
     bar.finish_and_clear();
-    let (info, sha1, _) = result?;
+    let (info, sha1, _, file) = result?;
     check_sha1(&info, &sha1)?;
-    file.sync_all()
-        .await
+    tokio::task::spawn_blocking(move || file.sync_all())
+        .await?
         .context("cannot flush the downloaded file")?;
-    drop(file);
     partial_path
         .persist(&target)
         .with_context(|| format!("cannot write {}", target.display()))?;

@@ -208,9 +208,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut client = Client::connect(&nodes[2].addr, None).await?;
     for (row, path) in rows.iter_mut().zip(&files) {
         let target = args.out.join(&row.key);
-        let mut out = tokio::fs::File::create(&target).await?;
-        let (_, got, _) = client
-            .download(Client::key_request(&row.key), &mut out, |_| {})
+        let out = std::fs::File::create(&target)?;
+        let (_, got, _, _) = client
+            .download(Client::key_request(&row.key), out, |_| {})
             .await?;
         let original = sha1_file(path)?;
         row.recovered =
