@@ -27,8 +27,8 @@ use crate::proto::{
 /// small enough to stay far below every server's message limit.
 pub const UPLOAD_MESSAGE_BYTES: usize = 1 << 20;
 /// Received messages a download queues for its hashing and writing thread
-/// (a node sends at most 256 KiB per message, so about 2 MiB).
-pub const SINK_QUEUE: usize = 8;
+/// (a node sends at most 1 MiB per message, so at most 4 MiB).
+pub const SINK_QUEUE: usize = 4;
 
 /// A download's sink: the SHA-1 of everything received, and the writes, in
 /// order. Returns the digest, the byte count and the writer.

@@ -17,7 +17,7 @@ use std::{fs, sync::Arc};
 
 pub use crate::budget::{BudgetError, BudgetPermit, BufferBudget, CallBudget};
 pub use crate::chunks::GcReport;
-pub use download::{ByteRange, Download, chunk_span};
+pub use download::{ByteRange, Download, MESSAGE_BYTES, chunk_span};
 pub use upload::UploadMeta;
 
 use crate::{
