@@ -4,135 +4,13 @@
 
 mod common;
 
-use std::{collections::HashMap, path::PathBuf, time::Duration};
+use std::{collections::HashMap, time::Duration};
 
-use common::*;
-use dfs::crypto::ChunkId;
+use common::{
+    cluster::{FAST, get, members_up, put},
+    *,
+};
 use tonic::Code;
-
-/// Liveness and repair timings short enough for tests.
-const FAST: &[&str] = &[
-    "--dead-after",
-    "2s",
-    "--repair-interval",
-    "1s",
-    "--sync-interval",
-    "2s",
-];
-
-/// A cluster of `n` nodes sharing one key, each knowing the first node.
-struct TestCluster {
-    nodes: Vec<TestNode>,
-    key_file: PathBuf,
-    _key_dir: tempfile::TempDir,
-}
-
-impl TestCluster {
-    async fn start(n: usize, replicas: usize, extra: &[&str]) -> Self {
-        let key_dir = tempfile::tempdir().unwrap();
-        let key_file = write_key_file(&key_dir.path().join("cluster.key"), 42);
-        let r = replicas.to_string();
-        let mut base: Vec<&str> = vec![
-            "--cluster-key-file",
-            key_file.to_str().unwrap(),
-            "--replicas",
-            &r,
-        ];
-        // FAST's timings, unless `extra` sets the same flag.
-        for pair in FAST.chunks(2) {
-            if !extra.contains(&pair[0]) {
-                base.extend_from_slice(pair);
-            }
-        }
-        base.extend_from_slice(extra);
-        let first = TestNode::start(&base).await;
-        let seed = first.p2p_addr().await;
-        let mut nodes = vec![first];
-        for _ in 1..n {
-            let mut args = base.clone();
-            args.extend_from_slice(&["--peer", &seed]);
-            nodes.push(TestNode::start(&args).await);
-        }
-        let cluster = Self {
-            nodes,
-            key_file,
-            _key_dir: key_dir,
-        };
-        cluster.wait_members_up(n).await;
-        cluster
-    }
-
-    /// Waits until every running node sees `n - 1` peers up.
-    async fn wait_members_up(&self, n: usize) {
-        for _ in 0..200 {
-            let mut all = true;
-            for node in self.nodes.iter().filter(|n| n.is_running()) {
-                let up = node
-                    .status()
-                    .await
-                    .members
-                    .iter()
-                    .filter(|m| m.state == "up")
-                    .count();
-                all &= up == n - 1;
-            }
-            if all {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!(
-            "members did not all come up; log of node 0:\n{}",
-            self.nodes[0].log()
-        );
-    }
-
-    /// Copies of each chunk on the running nodes' disks (a dead node's disk
-    /// does not count).
-    fn copies(&self, data: &[u8]) -> Vec<usize> {
-        chunk_ids(&self.key_file, data)
-            .iter()
-            .map(|id| self.holders(id).len())
-            .collect()
-    }
-
-    fn holders(&self, id: &ChunkId) -> Vec<usize> {
-        (0..self.nodes.len())
-            .filter(|i| self.nodes[*i].is_running())
-            .filter(|i| chunk_path(&self.nodes[*i].data_dir(), id).is_file())
-            .collect()
-    }
-
-    /// Waits until every chunk of `data` has exactly `want` copies.
-    async fn wait_copies(&self, data: &[u8], want: usize, timeout: Duration) {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let copies = self.copies(data);
-            if copies.iter().all(|c| *c == want) {
-                return;
-            }
-            if tokio::time::Instant::now() > deadline {
-                panic!(
-                    "copies per chunk {copies:?}, wanted {want} each; log of node 0:\n{}",
-                    self.nodes[0].log()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-}
-
-async fn put(node: &TestNode, key: &str, data: &[u8]) {
-    upload(&mut node.storage().await, key, data, 100_000)
-        .await
-        .unwrap_or_else(|e| panic!("upload {key}: {e}"));
-}
-
-async fn get(node: &TestNode, key: &str) -> Result<Vec<u8>, tonic::Status> {
-    download(&mut node.storage().await, key_request(key, 0, 0))
-        .await
-        .map(|(_, b)| b)
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_chunk_has_r_copies_on_distinct_nodes_and_reads_work_through_every_node() {
@@ -261,26 +139,25 @@ async fn indexes_converge_after_a_restart_including_deletes_made_while_down() {
     c.nodes[2].launch().await;
     c.wait_members_up(3).await;
     // Node 2's own index (List answers locally) converges.
-    let mut keys = Vec::new();
-    for _ in 0..100 {
+    let listed = async || {
         let list = c.nodes[2]
             .storage()
             .await
             .list(dfs::proto::ListRequest::default())
             .await
-            .unwrap()
+            .expect("list")
             .into_inner();
-        keys = list
-            .objects
+        list.objects
             .iter()
             .map(|o| o.key.clone())
-            .collect::<Vec<_>>();
-        if keys == ["keep", "new"] {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(keys, ["keep", "new"]);
+            .collect::<Vec<_>>()
+    };
+    poll_until(
+        Duration::from_secs(30),
+        "node 2 lists exactly keep and new",
+        async || listed().await == ["keep", "new"],
+    )
+    .await;
     assert_code(
         stat_key(&mut c.nodes[2].storage().await, "gone").await,
         Code::NotFound,
@@ -302,25 +179,34 @@ async fn a_node_with_a_foreign_secret_is_refused() {
     ];
     args.extend_from_slice(FAST);
     let stranger = TestNode::start(&args).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let seen = stranger
-        .status()
-        .await
-        .members
-        .iter()
-        .filter(|m| m.state == "up")
-        .count();
-    assert_eq!(seen, 0, "the stranger joined nobody");
+    // Proof the stranger had its chance: it dialled the cluster, and both
+    // ends logged the refusal and its reason.
+    poll_until(
+        Duration::from_secs(20),
+        "the stranger dials and both ends log the refusal",
+        async || {
+            let (ours, theirs) = (c.nodes[0].log(), stranger.log());
+            ours.lines().any(|l| {
+                l.contains("refused a peer connection") && l.contains("different cluster secret")
+            }) && theirs.lines().any(|l| {
+                l.contains("peer handshake failed") && l.contains("different cluster secret")
+            })
+        },
+    )
+    .await;
+    assert_eq!(members_up(&stranger).await, 0, "the stranger joined nobody");
     assert_eq!(
-        c.nodes[0].status().await.members.len(),
-        2,
-        "the cluster did not add the stranger"
+        stranger.status().await.members.len(),
+        1,
+        "the stranger knows only itself"
     );
-    let logs = format!("{}{}", c.nodes[0].log(), stranger.log());
-    assert!(
-        logs.contains("different cluster secret"),
-        "a log line says why:\n{logs}"
-    );
+    for node in &c.nodes {
+        assert_eq!(
+            node.status().await.members.len(),
+            2,
+            "the cluster (itself and one peer) did not add the stranger"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -353,18 +239,12 @@ async fn too_few_live_owners_fail_with_unavailable_and_store_no_object() {
     c.nodes[1].kill9();
     c.nodes[2].kill9();
     // Wait until node 0 has noticed both deaths.
-    for _ in 0..100 {
-        if c.nodes[0]
-            .status()
-            .await
-            .members
-            .iter()
-            .all(|m| m.state != "up")
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    poll_until(
+        Duration::from_secs(30),
+        "node 0 sees both peers down",
+        async || members_up(&c.nodes[0]).await == 0,
+    )
+    .await;
     let data = pseudo_random(9, 3 * CHUNK);
     let result = upload(&mut c.nodes[0].storage().await, "lonely", &data, 100_000).await;
     assert_code(

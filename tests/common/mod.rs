@@ -5,6 +5,19 @@
 //! Every test binary includes this module and uses part of it.
 #![allow(dead_code)]
 
+pub mod cluster;
+pub mod damage;
+pub mod metrics;
+pub mod peer;
+pub mod slow;
+
+#[allow(unused_imports)]
+pub use cluster::TestCluster;
+#[allow(unused_imports)]
+pub use damage::{Damage, damage_file};
+#[allow(unused_imports)]
+pub use slow::SlowUpload;
+
 use std::{
     fs,
     path::{Path, PathBuf},
@@ -61,6 +74,26 @@ impl TestNode {
     /// Adds flags for the next launch (e.g. ones naming files in [`TestNode::root`]).
     pub fn add_args(&mut self, args: &[&str]) {
         self.extra.extend(args.iter().map(|s| s.to_string()));
+    }
+
+    /// Writes a cluster key file (made from `seed`) next to the data
+    /// directory and passes it with `--cluster-key-file`. Returns its path.
+    pub fn use_key_file(&mut self, seed: u64) -> PathBuf {
+        let path = write_key_file(&self.root.path().join("cluster.key"), seed);
+        self.add_args(&[
+            "--cluster-key-file",
+            path.to_str().expect("utf-8 temp path"),
+        ]);
+        path
+    }
+
+    /// Writes `token` to a file next to the data directory and passes it with
+    /// `--auth-token-file`. Returns its path.
+    pub fn use_token(&mut self, token: &str) -> PathBuf {
+        let path = self.root.path().join("token");
+        fs::write(&path, format!("{token}\n")).expect("write token file");
+        self.add_args(&["--auth-token-file", path.to_str().expect("utf-8 temp path")]);
+        path
     }
 
     /// Replaces the extra flags for the next launch.
@@ -294,12 +327,15 @@ impl TestNode {
     }
 
     /// Asserts the node still works end to end: health SERVING and a small
-    /// upload and download round trip.
+    /// upload and download round trip, under a key and with bytes no earlier
+    /// probe in this process used (a probe that re-uploads the same key and
+    /// bytes could be served by a dedup hit and an old record).
     pub async fn assert_healthy(&self) {
         assert!(self.is_serving().await, "health is not SERVING");
         let mut storage = self.storage().await;
-        let key = format!("health-probe-{}", Instant::now().elapsed().as_nanos());
-        let data = pseudo_random(99, 1000);
+        let n = unique_number();
+        let key = format!("health-probe-{}-{n}", std::process::id());
+        let data = pseudo_random(n, 1000);
         upload(&mut storage, &key, &data, 333)
             .await
             .expect("probe upload");
@@ -361,6 +397,17 @@ pub fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// A number no earlier call in this test process returned.
+pub fn unique_number() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        + 1_000_000
+            * std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+}
+
 /// Deterministic test data (splitmix64), different for each seed.
 pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
@@ -392,6 +439,19 @@ pub async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bo
         if Instant::now() >= deadline {
             return false;
         }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls the async condition `cond` every 50 ms until it holds; panics with
+/// `what` if `timeout` passes first.
+pub async fn poll_until(timeout: Duration, what: &str, mut cond: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -546,6 +606,33 @@ pub fn assert_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, wh
         Ok(v) => panic!("{what}: expected {code:?}, got OK: {v:?}"),
         Err(s) => assert_eq!(s.code(), code, "{what}: wrong status: {s:?}"),
     }
+}
+
+/// Runs `dfs node` with `args`, which must make it refuse to start: asserts
+/// that it exits non-zero within 20 s, and returns what it wrote to stderr.
+/// Both listen addresses are loopback port 0 unless `args` set them, so a
+/// node that starts after all never takes a default port another test or
+/// program might be using (and is killed when the wait gives up).
+pub async fn refuse_to_start(args: &[&str]) -> String {
+    let mut full = vec!["node"];
+    for (flag, default) in [
+        ("--grpc-addr", "127.0.0.1:0"),
+        ("--p2p-addr", "127.0.0.1:0"),
+    ] {
+        if !args.contains(&flag) {
+            full.extend_from_slice(&[flag, default]);
+        }
+    }
+    full.extend_from_slice(args);
+    let out = tokio::time::timeout(Duration::from_secs(20), run_dfs(&full))
+        .await
+        .unwrap_or_else(|_| panic!("dfs {full:?} did not exit: it started instead of refusing"));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "dfs {full:?} exited successfully; stderr: {stderr}"
+    );
+    stderr
 }
 
 /// The node's chunk count as Cluster.Status reports it.
