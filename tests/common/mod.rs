@@ -10,6 +10,7 @@ pub mod damage;
 pub mod metrics;
 pub mod peer;
 pub mod slow;
+pub mod strace;
 
 #[allow(unused_imports)]
 pub use cluster::TestCluster;
@@ -51,6 +52,8 @@ pub fn dfs_bin() -> &'static str {
 pub struct TestNode {
     root: tempfile::TempDir,
     extra: Vec<String>,
+    /// A command the node runs under (`strace ... --`), if any.
+    wrapper: Vec<String>,
     child: Option<Child>,
     addr: Option<String>,
 }
@@ -66,6 +69,7 @@ impl TestNode {
         Self {
             root,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            wrapper: Vec::new(),
             child: None,
             addr: None,
         }
@@ -96,6 +100,13 @@ impl TestNode {
         path
     }
 
+    /// Runs the node under `wrapper` (a command ending in `--`, such as
+    /// `strace -o FILE --`) from the next launch on. The wrapper must run the
+    /// node as its only child and exit when the node does.
+    pub fn set_wrapper(&mut self, wrapper: &[&str]) {
+        self.wrapper = wrapper.iter().map(|s| s.to_string()).collect();
+    }
+
     /// Replaces the extra flags for the next launch.
     pub fn set_args(&mut self, args: &[&str]) {
         self.extra = args.iter().map(|s| s.to_string()).collect();
@@ -124,9 +135,39 @@ impl TestNode {
         self.addr.as_deref().expect("node is not running")
     }
 
-    /// The process id of the running node.
+    /// The process id of the running node (under a wrapper: the wrapper's
+    /// child, once it has started it).
     pub fn pid(&self) -> i32 {
-        self.child.as_ref().expect("node is not running").id() as i32
+        let child = self.child.as_ref().expect("node is not running").id();
+        if self.wrapper.is_empty() {
+            return child as i32;
+        }
+        self.wrapped_pid()
+            .unwrap_or_else(|| panic!("the wrapper {:?} has no child process", self.wrapper))
+    }
+
+    /// The wrapper's child, if there is a wrapper and it has one.
+    fn wrapped_pid(&self) -> Option<i32> {
+        let child = self.child.as_ref()?.id();
+        if self.wrapper.is_empty() {
+            return None;
+        }
+        let children = fs::read_to_string(format!("/proc/{child}/task/{child}/children")).ok()?;
+        children.split_whitespace().next()?.parse().ok()
+    }
+
+    /// Kills the node process itself with SIGKILL (under a wrapper, which
+    /// would otherwise leave it running when killed itself).
+    fn kill_node_process(&mut self) {
+        if let Some(pid) = self.wrapped_pid() {
+            // SAFETY: kill(2) on the wrapper's child, which it has not reaped.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill(); // SIGKILL on Unix
+            let _ = child.wait();
+        }
+        self.child = None;
     }
 
     /// Everything the node processes of this test wrote to stderr.
@@ -156,7 +197,15 @@ impl TestNode {
         } else {
             &["--p2p-addr", "127.0.0.1:0"]
         };
-        let child = Command::new(dfs_bin())
+        let mut command = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(dfs_bin());
+                c
+            }
+            None => Command::new(dfs_bin()),
+        };
+        let child = command
             .arg("node")
             .arg("--data")
             .arg(self.data_dir())
@@ -220,20 +269,19 @@ impl TestNode {
 
     /// Kills the node with SIGKILL (no chance to clean up) and reaps it.
     pub fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill(); // SIGKILL on Unix
-            let _ = child.wait();
-        }
+        self.kill_node_process();
         self.addr = None;
     }
 
     /// Sends SIGTERM and waits (up to `timeout`) for the process to exit.
     /// Panics if it does not exit in time (after killing it).
     pub async fn sigterm_within(&mut self, timeout: Duration) -> ExitStatus {
+        let pid = self.pid();
         let mut child = self.child.take().expect("node is not running");
         self.addr = None;
-        // SAFETY: kill(2) with a pid we spawned and have not reaped yet.
-        let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        // SAFETY: kill(2) with a pid we (or our wrapper) spawned and have not
+        // reaped yet.
+        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
         assert_eq!(rc, 0, "kill(SIGTERM) failed");
         let deadline = Instant::now() + timeout;
         loop {
@@ -241,6 +289,8 @@ impl TestNode {
                 return status;
             }
             if Instant::now() >= deadline {
+                // SAFETY: as above; the node may be a wrapper's child.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
                 let _ = child.kill();
                 let _ = child.wait();
                 panic!(
@@ -348,10 +398,7 @@ impl TestNode {
 
 impl Drop for TestNode {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.kill_node_process();
         if std::thread::panicking() {
             let log = self.log();
             let tail: Vec<&str> = log.lines().rev().take(40).collect();
