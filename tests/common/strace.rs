@@ -203,9 +203,9 @@ impl Durability<'_> {
         let Some(rename) = self
             .calls
             .iter()
+            .rev()
             .filter(|c| c.is_rename() && c.paths.get(1).map(PathBuf::as_path) == Some(dest))
-            .filter(|c| c.end < self.ack)
-            .last()
+            .find(|c| c.end < self.ack)
         else {
             return vec![format!(
                 "{}: never renamed into place before the acknowledgement",
