@@ -186,7 +186,7 @@ impl Node {
     pub fn open(cfg: NodeConfig) -> Result<Self, NodeError> {
         cfg.validate().map_err(NodeError::InvalidArgument)?;
         let dir = &cfg.data_dir;
-        fs::create_dir_all(dir)
+        create_dir_durably(dir)
             .map_err(|e| NodeError::Internal(format!("create {}: {e}", dir.display())))?;
         let id = load_or_create_node_id(dir)?;
         let secret = load_or_create_secret(&cfg)?;
@@ -202,6 +202,9 @@ impl Node {
                 keys.fingerprint()
             )));
         }
+        // The entries made above (node.id, cluster.key, chunks/, index.redb)
+        // must be durable before any acknowledgement depends on them.
+        sync_dir(dir).map_err(|e| NodeError::Internal(format!("sync {}: {e}", dir.display())))?;
         let cluster = Arc::new(Cluster::new(
             id.clone(),
             cfg.cluster.clone(),
@@ -352,6 +355,30 @@ pub fn parse_sha1(hex_text: &str) -> Result<[u8; 20], NodeError> {
 
 pub(crate) fn now_ms() -> u64 {
     crate::units::unix_ms()
+}
+
+/// Creates `dir` and its missing parents, and syncs the parent of each one
+/// created, so that a crash cannot lose the data directory itself.
+fn create_dir_durably(dir: &Path) -> std::io::Result<()> {
+    let mut missing = Vec::new();
+    let mut next = Some(dir);
+    while let Some(d) = next.filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        missing.push(d.to_owned());
+        next = d.parent();
+    }
+    fs::create_dir_all(dir)?;
+    for created in missing {
+        match created.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => sync_dir(parent)?,
+            _ => sync_dir(Path::new("."))?,
+        }
+    }
+    Ok(())
+}
+
+/// Makes a directory's entries durable (fsync on the directory).
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    fs::File::open(dir)?.sync_all()
 }
 
 fn load_or_create_node_id(dir: &Path) -> Result<String, NodeError> {
