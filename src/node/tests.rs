@@ -143,10 +143,27 @@ async fn a_failing_stream_leaves_no_object_and_releases_pins() {
     );
 }
 
+/// Makes every chunk file look `age` old, as if written that long ago: the
+/// collector's age test, without waiting for it.
+fn age_chunks(node: &Node, age: Duration) {
+    let then = std::time::SystemTime::now() - age;
+    let mut ids = Vec::new();
+    node.store()
+        .for_each_chunk(|id, _, _| ids.push(id))
+        .unwrap();
+    for id in ids {
+        let file = std::fs::File::options()
+            .write(true)
+            .open(node.store().path_of(&id))
+            .unwrap();
+        file.set_modified(then).unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn garbage_collection_frees_only_unreferenced_old_chunks() {
     let dir = tempfile::tempdir().unwrap();
-    let node = node_with(dir.path(), |c| c.gc_grace = Duration::from_millis(200));
+    let node = node_with(dir.path(), |c| c.gc_grace = Duration::from_secs(3600));
     let shared = data(CHUNK, 3);
     put(
         &node,
@@ -159,18 +176,21 @@ async fn garbage_collection_frees_only_unreferenced_old_chunks() {
     put(&node, "b", &shared, CHUNK).await.unwrap();
     assert_eq!(node.store().usage().0, 2);
     node.delete("a").await.unwrap();
-    // Within the grace period nothing goes.
-    assert_eq!(node.collect_garbage().unwrap().deleted, 0);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Within the grace period nothing goes, though the pass saw both chunks.
+    let young = node.collect_garbage().unwrap();
+    assert_eq!((young.scanned, young.deleted), (2, 0));
+    // Once both are older than the grace, only the one no live object uses.
+    age_chunks(&node, Duration::from_secs(7200));
     let report = node.collect_garbage().unwrap();
-    assert_eq!(report.deleted, 1, "only the chunk no live object uses");
+    assert_eq!((report.scanned, report.deleted), (2, 1));
+    assert_eq!(node.store().usage().0, 1);
     assert_eq!(get(&node, "b", 0, 0).await.unwrap(), shared);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pinned_chunks_survive_collection() {
     let dir = tempfile::tempdir().unwrap();
-    let node = node_with(dir.path(), |c| c.gc_grace = Duration::ZERO);
+    let node = node_with(dir.path(), |c| c.gc_grace = Duration::from_secs(60));
     put(&node, "a", &data(CHUNK, 5), CHUNK).await.unwrap();
     let id = node
         .index()
@@ -182,8 +202,10 @@ async fn pinned_chunks_survive_collection() {
         .unwrap();
     node.delete("a").await.unwrap();
     node.pins.pin(id);
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    assert_eq!(node.collect_garbage().unwrap().deleted, 0);
+    age_chunks(&node, Duration::from_secs(3600));
+    // Unreferenced and past the grace: only the pin keeps it.
+    let pinned = node.collect_garbage().unwrap();
+    assert_eq!((pinned.scanned, pinned.deleted), (1, 0));
     node.pins.unpin(&[id]);
     assert_eq!(node.collect_garbage().unwrap().deleted, 1);
 }
