@@ -201,7 +201,8 @@ impl Node {
 
     /// Seals and writes chunks, `WRITE_PARALLELISM` at a time (sealing is
     /// independent per chunk, so it spreads over cores), and pins each id
-    /// once written so the collector leaves it alone until the upload ends.
+    /// before it is written so the collector leaves it alone until the
+    /// upload ends.
     async fn write_chunks(
         &self,
         mut hashed: mpsc::Receiver<ChunkBuf>,
@@ -210,8 +211,8 @@ impl Node {
         let mut writes = JoinSet::new();
         let mut ids: Vec<Option<ChunkId>> = Vec::new();
         let record = |done, ids: &mut Vec<Option<ChunkId>>, pins: &mut PinGuard<'_>| {
-            if let Some((index, id)) = join_write(done)? {
-                self.pins.pin(id);
+            if let Some((index, pin)) = join_write(done)? {
+                let id = pin.hand_over();
                 pins.ids.push(id);
                 ids[index] = Some(id);
             }
@@ -232,8 +233,12 @@ impl Node {
             }
             let index = ids.len();
             ids.push(None);
-            let (keys, cluster, budget) =
-                (self.keys.clone(), self.cluster.clone(), self.budget.clone());
+            let (keys, cluster, budget, task_pins) = (
+                self.keys.clone(),
+                self.cluster.clone(),
+                self.budget.clone(),
+                self.pins.clone(),
+            );
             writes.spawn(async move {
                 let (id, chunk) = tokio::task::spawn_blocking(move || {
                     let id = keys.seal_in_place(&mut chunk.data);
@@ -241,9 +246,12 @@ impl Node {
                 })
                 .await
                 .map_err(|e| ClusterError::Internal(format!("sealing stopped: {e}")))?;
+                // Pinned before it is written: a paused upload may not
+                // collect this result for longer than the GC grace.
+                let pin = TaskPin::new(id, task_pins);
                 // The budget and the buffer stay held until every copy is written.
                 let sealed = budget.lend(chunk.data, chunk.permit);
-                cluster.replicate(id, sealed).await.map(|_| (index, id))
+                cluster.replicate(id, sealed).await.map(|_| (index, pin))
             });
         }
         while let Some(done) = writes.join_next().await {
@@ -261,11 +269,45 @@ impl Node {
     }
 }
 
-type WriteResult = Result<(usize, ChunkId), ClusterError>;
+/// A write task's pin on its chunk, taken before the chunk is written: an
+/// upload joins its write tasks only when it needs room for more or at its
+/// end, so a paused upload leaves finished writes uncollected, and their
+/// chunks must not look like garbage meanwhile. Dropped (a failed write, an
+/// abandoned upload), it unpins; handed over, the upload's [`PinGuard`]
+/// owns the pin.
+struct TaskPin {
+    id: ChunkId,
+    pins: Option<std::sync::Arc<Pins>>,
+}
+
+impl TaskPin {
+    fn new(id: ChunkId, pins: std::sync::Arc<Pins>) -> Self {
+        pins.pin(id);
+        Self {
+            id,
+            pins: Some(pins),
+        }
+    }
+
+    fn hand_over(mut self) -> ChunkId {
+        self.pins = None;
+        self.id
+    }
+}
+
+impl Drop for TaskPin {
+    fn drop(&mut self) {
+        if let Some(pins) = &self.pins {
+            pins.unpin(&[self.id]);
+        }
+    }
+}
+
+type WriteResult = Result<(usize, TaskPin), ClusterError>;
 
 fn join_write(
     done: Option<Result<WriteResult, tokio::task::JoinError>>,
-) -> Result<Option<(usize, ChunkId)>, NodeError> {
+) -> Result<Option<(usize, TaskPin)>, NodeError> {
     match done {
         None => Ok(None),
         Some(Ok(result)) => result.map(Some).map_err(NodeError::from),
