@@ -344,3 +344,89 @@ async fn get_into_a_fifo_writes_through_it_and_leaves_it_a_fifo() {
     assert!(reader.join().unwrap() == data, "bytes through the fifo");
     assert_eq!(entries(work.path()).len(), 1, "no partial file left behind");
 }
+
+/// `dfs get` re-checks the whole-file SHA-1 of what it received. A node
+/// verifies every chunk but not the whole file, so the check can only fire
+/// when a record lies about the file: here a peer (a client of the peer
+/// protocol holding the cluster key) pushes a newer version of a record
+/// whose chunks are right and whose SHA-1 is not.
+#[tokio::test(flavor = "multi_thread")]
+async fn get_rechecks_the_whole_file_sha1_and_keeps_no_file_on_a_mismatch() {
+    use common::peer::{peer_pool, peer_request};
+    use dfs::proto::{GetRecord, IndexUpdate, get_record, peer_message::Kind};
+    let mut node = TestNode::new(&[]);
+    let key_file = node.use_key_file(410);
+    node.launch().await;
+    let data = pseudo_random(410, 3 * CHUNK + 7);
+    upload(&mut node.storage().await, "lie", &data, CHUNK)
+        .await
+        .unwrap();
+    let pool = peer_pool(&key_file, "record-liar", "127.0.0.1:9");
+    let p2p = node.p2p_addr().await;
+    let reply = peer_request(
+        &pool,
+        &p2p,
+        Kind::GetRecord(GetRecord {
+            target: Some(get_record::Target::Key("lie".into())),
+        }),
+        None,
+    )
+    .await;
+    let Some(Kind::GetRecordReply(r)) = reply.msg.kind else {
+        panic!("{:?}", reply.msg);
+    };
+    let mut record = r.record.expect("the node has the record");
+    let mut wrong = record.sha1.to_vec();
+    wrong[0] ^= 0xff;
+    record.sha1 = wrong.clone().into();
+    let version = record.version.as_mut().expect("a version");
+    version.hlc += 1;
+    let reply = peer_request(
+        &pool,
+        &p2p,
+        Kind::IndexUpdate(IndexUpdate {
+            records: vec![record],
+        }),
+        None,
+    )
+    .await;
+    assert!(
+        matches!(reply.msg.kind, Some(Kind::IndexUpdateReply(ref u)) if u.applied == 1),
+        "{:?}",
+        reply.msg
+    );
+    let info = stat_key(&mut node.storage().await, "lie").await.unwrap();
+    assert_eq!(
+        info.sha1,
+        hex::encode(&wrong),
+        "the lying record is the live one"
+    );
+
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("lie.bin");
+    let get = run_dfs(&[
+        "get",
+        "lie",
+        "-o",
+        out.to_str().unwrap(),
+        "--node",
+        node.addr(),
+    ])
+    .await;
+    let err = assert_one_line_failure(&get, "get of an object whose record lies");
+    assert!(err.contains("DATA_LOSS") && err.contains("sha1"), "{err}");
+    assert!(
+        !out.exists(),
+        "a file with unverified content was left at the -o path"
+    );
+    assert!(
+        entries(work.path()).is_empty(),
+        "left: {:?}",
+        entries(work.path())
+    );
+    // To stdout the bytes are gone already; the exit status still says no.
+    let get = run_dfs(&["get", "lie", "-o", "-", "--node", node.addr()]).await;
+    let err = assert_one_line_failure(&get, "get -o - of an object whose record lies");
+    assert!(err.contains("DATA_LOSS"), "{err}");
+    assert!(get.stdout == data, "the chunks themselves verified");
+}
