@@ -302,6 +302,42 @@ impl TestNode {
         }
     }
 
+    /// Whether the node process is still running (not exited).
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Sends `signal` to the node without waiting for anything.
+    pub fn signal(&self, signal: i32) {
+        let pid = self.pid();
+        // SAFETY: kill(2) on a process we (or our wrapper) spawned and have
+        // not reaped.
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(rc, 0, "kill({pid}, {signal}) failed");
+    }
+
+    /// Waits (up to `timeout`) for the node to exit on its own; returns its
+    /// status. Panics (after killing it) if it does not.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut().expect("node is not running");
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                self.addr = None;
+                return status;
+            }
+            if Instant::now() >= deadline {
+                self.kill_node_process();
+                panic!(
+                    "dfs node did not exit within {timeout:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Graceful stop: SIGTERM, and the node must exit 0 within 10 s.
     pub async fn sigterm(&mut self) -> ExitStatus {
         self.sigterm_within(Duration::from_secs(10)).await
