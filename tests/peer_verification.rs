@@ -98,7 +98,8 @@ async fn put_chunk_refuses_a_copy_that_does_not_verify() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_bad_or_missing_local_copy_is_read_from_a_peer_and_restored() {
-    let c = TestCluster::start(2, 2, &[]).await;
+    // No repair pass after start-up: the reads below must do the work.
+    let c = TestCluster::start(2, 2, &["--repair-interval", "1h"]).await;
     let data = pseudo_random(510, 6 * CHUNK + 9);
     common::cluster::put(&c.nodes[0], "obj", &data).await;
     let ids = chunk_ids(&c.key_file, &data);
@@ -136,7 +137,8 @@ async fn a_bad_or_missing_local_copy_is_read_from_a_peer_and_restored() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_peer_never_serves_a_copy_that_fails_verification() {
-    let c = TestCluster::start(2, 2, &[]).await;
+    // No repair pass after start-up: the reads below must do the work.
+    let c = TestCluster::start(2, 2, &["--repair-interval", "1h"]).await;
     let data = pseudo_random(520, 5 * CHUNK);
     common::cluster::put(&c.nodes[0], "obj", &data).await;
     c.wait_copies(&data, 2, Duration::from_secs(10)).await;

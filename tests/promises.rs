@@ -220,7 +220,10 @@ async fn sigterm_drains_not_serving_refusing_new_calls_then_cuts_off_at_the_grac
     );
     if stuck.is_finished() {
         let outcome = stuck.outcome(Duration::from_secs(1)).await;
-        panic!("the in-flight upload was cut short: {outcome:?}\n{}", node.log());
+        panic!(
+            "the in-flight upload was cut short: {outcome:?}\n{}",
+            node.log()
+        );
     }
     // The grace runs out: the node exits 0 without waiting for the upload.
     let exit = node.wait_exit(grace + Duration::from_secs(10)).await;
