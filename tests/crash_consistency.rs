@@ -17,7 +17,10 @@
 
 mod common;
 
-use std::{path::Path, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use common::{
     strace::{Call, Durability, now_us, parse, strace_wrapper},
@@ -66,6 +69,29 @@ async fn stop_and_read_trace(node: &mut TestNode) -> Vec<Call> {
         text.lines().take(20).collect::<Vec<_>>().join("\n")
     );
     calls
+}
+
+/// strace pads short pids and splits a call another thread interrupted.
+#[test]
+fn parses_padded_pids_split_calls_and_drops_failures() {
+    let text = "\
+2967  1795820020.000001 openat(AT_FDCWD</w>, \"/d/x\", O_RDONLY) = -1 ENOENT (No such file)
+12345 1795820020.000002 fdatasync(9</d/tmp/a> <unfinished ...>
+777   1795820020.000003 rename(\"/d/tmp/a\", \"/d/chunks/a\") = 0
+12345 1795820020.000009 <... fdatasync resumed>) = 0
+";
+    let calls = parse(text);
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert_eq!(calls[0].pid, 777);
+    assert_eq!(
+        calls[0].paths,
+        [PathBuf::from("/d/tmp/a"), PathBuf::from("/d/chunks/a")]
+    );
+    assert_eq!(
+        (calls[1].name.as_str(), calls[1].start, calls[1].end),
+        ("fdatasync", 1795820020000002, 1795820020000009)
+    );
+    assert_eq!(calls[1].paths, [PathBuf::from("/d/tmp/a")]);
 }
 
 #[track_caller]

@@ -91,9 +91,11 @@ pub fn parse(text: &str) -> Vec<Call> {
     let mut pending: HashMap<u32, (u64, String)> = HashMap::new();
     let mut calls = Vec::new();
     for line in text.lines() {
-        let mut fields = line.splitn(3, ' ');
-        let (Some(pid), Some(ts), Some(rest)) = (fields.next(), fields.next(), fields.next())
-        else {
+        // strace pads the pid column: "2967  1795820020.275855 openat(...)".
+        let Some((pid, rest)) = line.trim_start().split_once(' ') else {
+            continue;
+        };
+        let Some((ts, rest)) = rest.trim_start().split_once(' ') else {
             continue;
         };
         let (Ok(pid), Some(ts)) = (pid.parse::<u32>(), parse_ts(ts)) else {
