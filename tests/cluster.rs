@@ -281,17 +281,24 @@ async fn the_same_content_through_two_gateways_is_stored_once_per_owner() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_write_right_after_a_node_dies_succeeds_on_the_survivors() {
-    let mut c = TestCluster::start(3, 3, &["--dead-after", "30s"]).await;
+    let mut c = TestCluster::start(3, 3, &["--dead-after", "120s"]).await;
     c.nodes[2].kill9();
     // Long before dead-after, the first write to the dead node fails, it is
-    // taken as down, and W falls to a majority of R: two copies.
+    // taken as down, and W falls to a majority of R: two copies. (A quarter
+    // of dead-after leaves room for a loaded machine without letting a
+    // node that waits dead-after out pass.)
     let data = pseudo_random(11, 12 * CHUNK);
     let started = std::time::Instant::now();
     put(&c.nodes[0], "after-death", &data).await;
     assert!(
-        started.elapsed() < Duration::from_secs(10),
+        started.elapsed() < Duration::from_secs(30),
         "{:?}",
         started.elapsed()
+    );
+    assert_eq!(
+        members_up(&c.nodes[0]).await,
+        1,
+        "the dead member is down long before dead-after"
     );
     assert!(
         c.copies(&data).iter().all(|n| *n == 2),
