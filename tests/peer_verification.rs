@@ -222,3 +222,37 @@ async fn copies_from_a_lying_peer_are_rejected_and_never_reach_the_client() {
     );
     assert!(!local.exists(), "the liar's copy was stored");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copy_counts_only_when_the_peer_says_it_stored_it() {
+    // R = 2 with two members up: W = 2. The other member answers every
+    // PutChunk with `stored: false`, so only one copy exists: no object.
+    let mut node = TestNode::new(&["--replicas", "2", "--dead-after", "30s"]);
+    let key_file = node.use_key_file(540);
+    node.launch().await;
+    let liar =
+        LyingPeer::start_with(&key_file, CHUNK + IV_LEN, &node.p2p_addr().await, false).await;
+    poll_until(
+        Duration::from_secs(10),
+        "the node counts the other member as up",
+        async || members_up(&node).await == 1,
+    )
+    .await;
+    let data = pseudo_random(541, 3 * CHUNK);
+    let mut storage = node.storage().await;
+    let result = upload(&mut storage, "one-copy", &data, CHUNK).await;
+    let asked = liar
+        .stats
+        .puts_answered
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        asked >= 1,
+        "the other member was never asked to store a copy"
+    );
+    assert_code(result, Code::Unavailable, "one stored copy when W = 2");
+    assert_code(
+        stat_key(&mut storage, "one-copy").await,
+        Code::NotFound,
+        "no object",
+    );
+}

@@ -54,15 +54,18 @@ pub async fn peer_request(pool: &PeerPool, addr: &str, kind: Kind, body: Option<
 pub struct LiarStats {
     /// GetChunk requests answered with a bad copy.
     pub bad_copies_sent: AtomicU64,
+    /// PutChunk requests answered (nothing is ever stored).
+    pub puts_answered: AtomicU64,
 }
 
 /// A peer that holds the cluster key and answers like a member, except that
 /// it claims to hold every chunk and sends a bad copy of any chunk asked for
-/// (the right length, every byte wrong), and acknowledges every PutChunk
-/// without storing anything.
+/// (the right length, every byte wrong), and answers every PutChunk with
+/// `stored: put_stored` without storing anything.
 struct Liar {
     stats: Arc<LiarStats>,
     chunk_len: usize,
+    put_stored: bool,
 }
 
 impl PeerHandler for Liar {
@@ -92,10 +95,11 @@ impl PeerHandler for Liar {
                 m.has_body = true;
                 (m, Some(Bytes::from(junk)))
             }
-            Some(Kind::PutChunk(_)) => (
-                reply(Kind::PutChunkReply(PutChunkReply { stored: true })),
-                None,
-            ),
+            Some(Kind::PutChunk(_)) => {
+                self.stats.puts_answered.fetch_add(1, Ordering::SeqCst);
+                let stored = self.put_stored;
+                (reply(Kind::PutChunkReply(PutChunkReply { stored })), None)
+            }
             Some(Kind::HasChunks(h)) => (
                 reply(Kind::HasChunksReply(HasChunksReply {
                     present: vec![true; h.chunk_ids.len()],
@@ -137,6 +141,16 @@ impl LyingPeer {
     /// bytes long, and introduces it to the node whose peer address is
     /// `join` with one Ping, after which the node counts it as a member.
     pub async fn start(key_file: &Path, chunk_len: usize, join: &str) -> Self {
+        Self::start_with(key_file, chunk_len, join, true).await
+    }
+
+    /// Like [`LyingPeer::start`]; `put_stored` is what it answers PutChunk.
+    pub async fn start_with(
+        key_file: &Path,
+        chunk_len: usize,
+        join: &str,
+        put_stored: bool,
+    ) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind the liar's port");
@@ -151,6 +165,7 @@ impl LyingPeer {
         let handler = Arc::new(Liar {
             stats: stats.clone(),
             chunk_len,
+            put_stored,
         });
         tokio::spawn(dfs::p2p::serve(
             listener,
