@@ -312,24 +312,16 @@ async fn a_write_right_after_a_node_dies_succeeds_on_the_survivors() {
 async fn an_upload_longer_than_the_gc_grace_keeps_its_remote_copies() {
     let c = TestCluster::start(2, 2, &["--gc-grace", "1s", "--gc-interval", "200ms"]).await;
     let data = pseudo_random(12, 30 * CHUNK);
-    let (tx, rx) = tokio::sync::mpsc::channel(2);
-    let feed = data.clone();
-    tokio::spawn(async move {
-        let _ = tx.send(header_msg("slow")).await;
-        for piece in feed.chunks(CHUNK) {
-            // 30 chunks over ~4.5 s: the first ones age well past the grace
-            // on the peer before the object's record exists.
-            tokio::time::sleep(Duration::from_millis(150)).await;
-            if tx.send(data_msg(piece)).await.is_err() {
-                return;
-            }
-        }
-    });
-    let mut storage = c.nodes[0].storage().await;
-    storage
-        .upload(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .expect("slow upload");
+    // 30 chunks over ~4.5 s: the first ones age well past the grace on the
+    // peer before the object's record exists.
+    let call = common::slow::paced_upload(
+        &c.nodes[0],
+        "slow",
+        data.clone(),
+        CHUNK,
+        Duration::from_millis(150),
+    );
+    call.await.expect("upload task").expect("slow upload");
     let copies = c.copies(&data);
     assert!(
         copies.iter().all(|n| *n == 2),
