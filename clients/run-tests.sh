@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Starts two dfs nodes on free loopback ports (one open, one requiring a
-# bearer token), runs the client test suites against them, and stops the
-# nodes again, also when a suite fails or the script is interrupted.
+# Starts three dfs nodes on free loopback ports (one open, one requiring a
+# bearer token, one whose chunk files the suites damage), runs the client
+# test suites against them, and stops the nodes again, also when a suite
+# fails or the script is interrupted.
 #
 #   clients/run-tests.sh                 # all suites: go python ts grpcurl
 #   clients/run-tests.sh go grpcurl      # some of them
@@ -88,11 +89,17 @@ start_node open || exit 1
 open_addr="$NODE_ADDR"
 start_node auth --auth-token-file "$work/token" || exit 1
 auth_addr="$NODE_ADDR"
-echo "run-tests: node without auth at $open_addr, node with auth at $auth_addr"
+# A node whose chunk files the suites damage (it has no peers, so a chunk
+# that fails verification ends a download with DATA_LOSS mid-stream).
+start_node damage || exit 1
+damage_addr="$NODE_ADDR"
+echo "run-tests: node without auth at $open_addr, node with auth at $auth_addr, node to damage at $damage_addr"
 
 export DFS_TEST_ADDR="$open_addr"
 export DFS_TEST_AUTH_ADDR="$auth_addr"
 export DFS_TEST_TOKEN="$work/token"
+export DFS_TEST_DAMAGE_ADDR="$damage_addr"
+export DFS_TEST_DAMAGE_DATA="$work/damage/data"
 
 python="$tools/venv/bin/python"
 [[ -x "$python" ]] || python=python3

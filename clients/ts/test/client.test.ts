@@ -4,8 +4,8 @@
 
 import assert from "node:assert/strict";
 import { createHash, randomBytes } from "node:crypto";
-import { createReadStream, createWriteStream, mkdtempSync, rmSync } from "node:fs";
-import { readFile, stat } from "node:fs/promises";
+import { createReadStream, createWriteStream, mkdtempSync, readdirSync, rmSync } from "node:fs";
+import { readFile, readdir, stat, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Readable, Writable } from "node:stream";
@@ -215,6 +215,59 @@ describe("auth", { skip: !(AUTH_ADDR && TOKEN_FILE) && "DFS_TEST_AUTH_ADDR / DFS
       good.close();
       wrong.close();
       none.close();
+    }
+  });
+
+  test("an error after data has started reaches the caller and leaves no file", async () => {
+    const damageAddr = process.env.DFS_TEST_DAMAGE_ADDR;
+    const damageData = process.env.DFS_TEST_DAMAGE_DATA;
+    assert.ok(damageAddr && damageData, "DFS_TEST_DAMAGE_ADDR/DFS_TEST_DAMAGE_DATA not set");
+    const chunk = 1 << 20; // the test nodes' --chunk-size
+    const chunkFiles = async (): Promise<Set<string>> =>
+      new Set(
+        (await readdir(join(damageData, "chunks"), { recursive: true, withFileTypes: true }))
+          .filter((e) => e.isFile())
+          .map((e) => join(e.parentPath, e.name)),
+      );
+    const c = new DfsClient(damageAddr, { timeoutMs: 120_000 });
+    try {
+      // Upload the first chunk alone, so the two-chunk object adds exactly
+      // one chunk file: its second chunk, which is then damaged.
+      const uploadNew = async (key: string, data: Buffer): Promise<string> => {
+        const before = await chunkFiles();
+        await c.upload(key, Readable.from([data]));
+        const added = [...(await chunkFiles())].filter((f) => !before.has(f));
+        assert.equal(added.length, 1, `upload of ${key} added ${added}`);
+        return added[0];
+      };
+      const first = randomBytes(chunk);
+      const key = PREFIX + "midstream";
+      await uploadNew(key + "-head", first);
+      const victim = await uploadNew(key, Buffer.concat([first, randomBytes(chunk)]));
+      const raw = await readFile(victim);
+      raw[raw.length >> 1] ^= 0x40;
+      await writeFile(victim, raw);
+
+      // Streaming: the first chunk's bytes, then the error.
+      const got: Buffer[] = [];
+      await rejectsWith(
+        (async () => {
+          for await (const piece of await c.openDownload(key)) got.push(Buffer.from(piece));
+        })(),
+        Code.DataLoss,
+      );
+      assert.ok(Buffer.concat(got).equals(first), `${Buffer.concat(got).length} bytes before the error`);
+      // To a path: rejected, and no partial file left.
+      const out = mkdtempSync(join(tmpdir(), "dfs-ts-midstream-"));
+      try {
+        await rejectsWith(c.download(key, join(out, "out.bin")), Code.DataLoss);
+        assert.deepEqual(readdirSync(out), [], "a partial file was left");
+      } finally {
+        rmSync(out, { recursive: true, force: true });
+      }
+      await rejectsWith(c.read(key), Code.DataLoss);
+    } finally {
+      c.close();
     }
   });
 });
