@@ -8,13 +8,15 @@ mod auth;
 mod cluster;
 pub mod codec;
 mod storage;
+pub mod tls;
+pub mod tokens;
 
 use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
 use tonic::{Code, Status, transport::server::TcpIncoming};
 
-pub use auth::BearerAuth;
+pub use auth::AuthLayer;
 pub use cluster::{ClusterService, peak_rss_bytes, peak_rss_of};
 pub use storage::StorageService;
 
@@ -72,8 +74,10 @@ pub struct ServeOptions {
     pub grpc_addr: String,
     /// Shown in Cluster.Status as this node's peer address.
     pub p2p_addr: String,
-    /// Bearer token required on Storage and Cluster calls.
-    pub auth_token: Option<String>,
+    /// Bearer tokens and their roles (none: every call is allowed).
+    pub auth: Option<Arc<tokens::TokenFile>>,
+    /// TLS on the API port (none: plaintext).
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
     /// File to write the bound gRPC address to once listening.
     pub addr_file: Option<PathBuf>,
     /// How long in-flight requests may run after shutdown begins.
@@ -115,7 +119,6 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let auth = BearerAuth::new(opts.auth_token.clone());
     let storage = StorageServer::new(StorageService::new(node.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -154,23 +157,19 @@ pub async fn serve(
         let _ = drain_tx.send(());
     });
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
+    let server = tls::apply(tonic::transport::Server::builder(), opts.tls.clone())?
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .max_frame_size(1 << 20)
-        // Outermost, so calls the auth interceptor refuses are counted too.
+        // Outermost, so calls the auth layer refuses are counted too.
         .layer(crate::metrics::GrpcMetricsLayer::new(known_methods()))
+        .layer(AuthLayer::new(opts.auth.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            storage,
-            auth.clone(),
-        ))
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            cluster, auth,
-        ))
+        .add_service(storage)
+        .add_service(cluster)
         // Without TCP_NODELAY, HTTP/2 window updates sit behind Nagle's
         // algorithm for a delayed-ACK period (40 ms) and stall uploads.
         .serve_with_incoming_shutdown(
@@ -184,7 +183,10 @@ pub async fn serve(
     if let Some(path) = &opts.addr_file {
         write_addr_file(path, &local.to_string())?;
     }
-    tracing::info!(grpc = %local, node_id = %node.id(), "dfs node serving");
+    if let Some(warning) = tls::exposure_warning(local, opts.tls.is_some()) {
+        tracing::warn!("{warning}");
+    }
+    tracing::info!(grpc = %local, node_id = %node.id(), tls = opts.tls.is_some(), "dfs node serving");
 
     let grace = opts.shutdown_grace;
     tokio::pin!(server);
