@@ -183,13 +183,22 @@ pub fn one_line(e: &anyhow::Error) -> String {
 }
 
 /// A gRPC status as `CODE: message`.
+/// A status the client made itself (a transport failure, such as a TLS
+/// handshake the node refused) also gets its causes: "transport error"
+/// alone says nothing.
 pub fn status_line(status: &tonic::Status) -> String {
     let code = format!("{:?}", status.code());
-    format!(
-        "{}: {}",
-        to_screaming(&code),
-        status.message().replace('\n', " ")
-    )
+    let mut text = status.message().to_owned();
+    let mut source = std::error::Error::source(status);
+    while let Some(cause) = source {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+        source = cause.source();
+    }
+    format!("{}: {}", to_screaming(&code), text.replace('\n', " "))
 }
 
 fn to_screaming(camel: &str) -> String {
