@@ -200,7 +200,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
         if let Some(file) = &tokens {
             grpc::tokens::log_loaded(&file.tokens(), file.path(), "auth tokens loaded");
         }
-        tokio::spawn(grpc::tokens::reload_on_sighup(tokens));
+        grpc::tokens::reload_on_sighup(tokens);
         let shutdown = async move {
             shutdown_signal().await;
             let _ = stop_tx.send(true);

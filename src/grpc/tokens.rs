@@ -239,16 +239,22 @@ pub fn log_loaded(set: &TokenSet, path: &Path, what: &str) {
 
 /// Re-reads the token file on every SIGHUP, for the life of the process.
 /// Without a token file there is nothing to reload, but SIGHUP is still
-/// caught (and logged) so a stray one never kills the node.
-pub async fn reload_on_sighup(tokens: Option<Arc<TokenFile>>) {
+/// caught (and logged) so a stray one never kills the node. The handler is
+/// in place when this returns (call it inside the runtime, before serving),
+/// so a SIGHUP sent once the node serves never meets the default action.
+pub fn reload_on_sighup(tokens: Option<Arc<TokenFile>>) {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut hup = match signal(SignalKind::hangup()) {
+    let hup = match signal(SignalKind::hangup()) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "cannot listen for SIGHUP; the auth token file will not be reloaded");
             return;
         }
     };
+    tokio::spawn(reload_loop(hup, tokens));
+}
+
+async fn reload_loop(mut hup: tokio::signal::unix::Signal, tokens: Option<Arc<TokenFile>>) {
     while hup.recv().await.is_some() {
         let Some(file) = &tokens else {
             tracing::info!("received SIGHUP: no --auth-token-file to reload");
