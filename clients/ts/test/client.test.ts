@@ -1,6 +1,8 @@
 // Tests against a live node, started by clients/run-tests.sh. Environment:
 // DFS_TEST_ADDR (node without auth), DFS_TEST_AUTH_ADDR (node that requires a
-// bearer token) and DFS_TEST_TOKEN (file holding that token).
+// bearer token) and DFS_TEST_TOKEN (file holding that token). With
+// DFS_TEST_CA_FILE (and DFS_TEST_CERT_FILE, DFS_TEST_KEY_FILE) both nodes
+// speak TLS (mutual TLS), and every client here connects that way (TRANSPORT).
 
 import assert from "node:assert/strict";
 import { createHash, randomBytes } from "node:crypto";
@@ -18,6 +20,12 @@ const PREFIX = `ts-test/${process.hrtime.bigint()}/`;
 const ADDR = process.env.DFS_TEST_ADDR;
 const AUTH_ADDR = process.env.DFS_TEST_AUTH_ADDR;
 const TOKEN_FILE = process.env.DFS_TEST_TOKEN;
+/** How this run reaches its nodes: TLS when clients/run-tests.sh says so. */
+const TRANSPORT = {
+  ...(process.env.DFS_TEST_CA_FILE && { caFile: process.env.DFS_TEST_CA_FILE }),
+  ...(process.env.DFS_TEST_CERT_FILE && { certFile: process.env.DFS_TEST_CERT_FILE }),
+  ...(process.env.DFS_TEST_KEY_FILE && { keyFile: process.env.DFS_TEST_KEY_FILE }),
+};
 
 function sha1Hex(data: Uint8Array): string {
   return createHash("sha1").update(data).digest("hex");
@@ -58,7 +66,7 @@ describe("dfs client", { skip: !ADDR && "DFS_TEST_ADDR not set; run clients/run-
   let bigSha1: string;
 
   before(async () => {
-    client = new DfsClient(ADDR!, { timeoutMs: 120_000 });
+    client = new DfsClient(ADDR!, { timeoutMs: 120_000, ...TRANSPORT });
     dir = mkdtempSync(join(tmpdir(), "dfs-ts-test-"));
     bigPath = join(dir, "random.bin");
     bigSha1 = await writeRandomFile(bigPath, FILE_SIZE);
@@ -199,9 +207,9 @@ describe("dfs client", { skip: !ADDR && "DFS_TEST_ADDR not set; run clients/run-
 
 describe("auth", { skip: !(AUTH_ADDR && TOKEN_FILE) && "DFS_TEST_AUTH_ADDR / DFS_TEST_TOKEN not set" }, () => {
   test("right token works, wrong or missing token is UNAUTHENTICATED", async () => {
-    const good = new DfsClient(AUTH_ADDR!, { tokenFile: TOKEN_FILE, timeoutMs: 60_000 });
-    const wrong = new DfsClient(AUTH_ADDR!, { token: "not-the-token", timeoutMs: 60_000 });
-    const none = new DfsClient(AUTH_ADDR!, { timeoutMs: 60_000 });
+    const good = new DfsClient(AUTH_ADDR!, { tokenFile: TOKEN_FILE, timeoutMs: 60_000, ...TRANSPORT });
+    const wrong = new DfsClient(AUTH_ADDR!, { token: "not-the-token", timeoutMs: 60_000, ...TRANSPORT });
+    const none = new DfsClient(AUTH_ADDR!, { timeoutMs: 60_000, ...TRANSPORT });
     try {
       const key = PREFIX + "auth/hello.txt";
       const info = await good.upload(key, Readable.from([Buffer.from("hello, auth")]));
@@ -229,7 +237,7 @@ describe("auth", { skip: !(AUTH_ADDR && TOKEN_FILE) && "DFS_TEST_AUTH_ADDR / DFS
           .filter((e) => e.isFile())
           .map((e) => join(e.parentPath, e.name)),
       );
-    const c = new DfsClient(damageAddr, { timeoutMs: 120_000 });
+    const c = new DfsClient(damageAddr, { timeoutMs: 120_000, ...TRANSPORT });
     try {
       // Upload the first chunk alone, so the two-chunk object adds exactly
       // one chunk file: its second chunk, which is then damaged.
