@@ -57,9 +57,7 @@ impl Caps {
             }
             "partition" if !self.root => Some("needs root to run nodes as their own uids"),
             "forget" if !self.members_forget => Some("the binary has no `dfs members forget`"),
-            "skew" if !self.faketime => {
-                Some("needs libfaketime (apt-get install faketime)")
-            }
+            "skew" if !self.faketime => Some("needs libfaketime (apt-get install faketime)"),
             _ => None,
         }
     }

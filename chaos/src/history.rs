@@ -28,7 +28,10 @@ pub fn now_ms() -> u64 {
 pub enum Outcome {
     Ok,
     /// The node (or the transport) answered with a gRPC status.
-    Err { code: String, msg: String },
+    Err {
+        code: String,
+        msg: String,
+    },
     /// The harness gave up waiting (`--op-timeout`).
     Timeout,
     /// The client abandoned the call on purpose (a cancelled upload).

@@ -31,7 +31,10 @@ use clap::Parser;
 use crate::config::{Config, FAULT_KINDS, OP_KINDS, Timers, parse_kinds};
 
 #[derive(Parser, Debug)]
-#[command(name = "dfs-chaos", about = "Seeded fault injection against a real dfs cluster, with a checker")]
+#[command(
+    name = "dfs-chaos",
+    about = "Seeded fault injection against a real dfs cluster, with a checker"
+)]
 struct Args {
     /// Seed of the schedule (default: random, printed first)
     #[arg(long)]
@@ -100,7 +103,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("chaos: cannot start the runtime: {e}");
@@ -121,7 +127,8 @@ async fn run_main(cfg: Config, run_name: Option<String>) -> ExitCode {
         }
     };
     let caps = caps::Caps::probe(&cfg.dfs_bin);
-    let name = run_name.unwrap_or_else(|| format!("seed-{}-{}", cfg.seed, history::now_ms() / 1000));
+    let name =
+        run_name.unwrap_or_else(|| format!("seed-{}-{}", cfg.seed, history::now_ms() / 1000));
     let run_dir = cfg.out_dir.join(name);
     if let Err(e) = fs::create_dir_all(&run_dir) {
         eprintln!("chaos: cannot create {}: {e}", run_dir.display());
@@ -150,13 +157,19 @@ async fn run_main(cfg: Config, run_name: Option<String>) -> ExitCode {
     finish(&cfg, &run_dir, &violations, outcome)
 }
 
-fn setup(cfg: &Config, caps: &caps::Caps, run_dir: &std::path::Path, violations: Arc<check::Violations>) -> anyhow::Result<run::Run> {
+fn setup(
+    cfg: &Config,
+    caps: &caps::Caps,
+    run_dir: &std::path::Path,
+    violations: Arc<check::Violations>,
+) -> anyhow::Result<run::Run> {
     let procs = procs::Procs::new(cfg, caps, run_dir)?;
-    let firewall = if cfg.fault_enabled("partition") && caps.missing_for_fault("partition").is_none() {
-        Some(Arc::new(Mutex::new(net::Firewall::install(&cfg.net)?)))
-    } else {
-        None
-    };
+    let firewall =
+        if cfg.fault_enabled("partition") && caps.missing_for_fault("partition").is_none() {
+            Some(Arc::new(Mutex::new(net::Firewall::install(&cfg.net)?)))
+        } else {
+            None
+        };
     Ok(run::Run {
         cfg: cfg.clone(),
         caps: caps.clone(),
@@ -167,7 +180,12 @@ fn setup(cfg: &Config, caps: &caps::Caps, run_dir: &std::path::Path, violations:
     })
 }
 
-fn finish(cfg: &Config, run_dir: &std::path::Path, violations: &check::Violations, outcome: anyhow::Result<run::Summary>) -> ExitCode {
+fn finish(
+    cfg: &Config,
+    run_dir: &std::path::Path,
+    violations: &check::Violations,
+    outcome: anyhow::Result<run::Summary>,
+) -> ExitCode {
     let all = violations.all();
     if let Err(e) = run::write_violations(run_dir, &all) {
         eprintln!("chaos: cannot write violations.txt: {e}");
@@ -177,7 +195,11 @@ fn finish(cfg: &Config, run_dir: &std::path::Path, violations: &check::Violation
         Err(e) => {
             eprintln!("chaos: the run did not complete: {e:#}");
             println!("chaos: leaving {}", run_dir.display());
-            println!("chaos: seed {}, run incomplete, {} violations", cfg.seed, all.len());
+            println!(
+                "chaos: seed {}, run incomplete, {} violations",
+                cfg.seed,
+                all.len()
+            );
             return ExitCode::from(2);
         }
     };
@@ -189,13 +211,23 @@ fn finish(cfg: &Config, run_dir: &std::path::Path, violations: &check::Violation
         "chaos: seed {}, {} ops ({} acknowledged), {} faults, {} violations",
         cfg.seed, summary.ops, summary.acked, summary.faults, summary.violations
     );
-    let _ = fs::write(run_dir.join("summary.txt"), format!("{line}\nviolations per check: {per_check:?}\n"));
-    println!("chaos: violations per check: {per_check:?}; history, node logs and data in {}", run_dir.display());
+    let _ = fs::write(
+        run_dir.join("summary.txt"),
+        format!("{line}\nviolations per check: {per_check:?}\n"),
+    );
+    println!(
+        "chaos: violations per check: {per_check:?}; history, node logs and data in {}",
+        run_dir.display()
+    );
     if summary.violations > 0 {
         println!("chaos: replay with: {}", replay_command(cfg));
     }
     println!("{line}");
-    if summary.violations == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) }
+    if summary.violations == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }
 
 fn config_from(args: &Args, seed: u64) -> Result<Config, String> {
@@ -223,7 +255,9 @@ fn config_from(args: &Args, seed: u64) -> Result<Config, String> {
         max_size: args.max_size,
         timers: Timers::default(),
         max_skew: args.max_skew,
-        max_down: args.max_down.unwrap_or(((args.nodes.saturating_sub(1)) / 2).max(1)),
+        max_down: args
+            .max_down
+            .unwrap_or(((args.nodes.saturating_sub(1)) / 2).max(1)),
         destroy_gap: args.destroy_gap,
         heal_timeout: args.heal_timeout,
         rss_bound: args.rss_bound,
@@ -245,7 +279,11 @@ fn replay_command(cfg: &Config) -> String {
         cfg.nodes,
         cfg.replicas,
         cfg.clients,
-        if cfg.faults.is_empty() { "none".into() } else { cfg.faults.join(",") },
+        if cfg.faults.is_empty() {
+            "none".into()
+        } else {
+            cfg.faults.join(",")
+        },
         cfg.ops.join(","),
         cfg.max_size,
         cfg.max_skew.as_millis(),

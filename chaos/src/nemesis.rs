@@ -193,19 +193,27 @@ impl Nemesis {
         match self.procs.start(node, why).await {
             Ok(()) => Ok(why.to_owned()),
             Err(e) => {
-                self.violations.add(6, format!("node n{} did not start ({why}): {e}", node + 1));
+                self.violations
+                    .add(6, format!("node n{} did not start ({why}): {e}", node + 1));
                 Err(format!("start failed: {e}"))
             }
         }
     }
 
     /// SIGTERM (which must end in exit 0), a change of flags, a start.
-    async fn restart_with(&self, node: usize, change: impl FnOnce(&mut crate::procs::NodeSlot)) -> FaultResult {
+    async fn restart_with(
+        &self,
+        node: usize,
+        change: impl FnOnce(&mut crate::procs::NodeSlot),
+    ) -> FaultResult {
         match self.procs.terminate(node).await {
             Ok(status) if status.success() => {}
             Ok(status) => self.violations.add(
                 6,
-                format!("node n{} exited with {status} after SIGTERM (expected 0)", node + 1),
+                format!(
+                    "node n{} exited with {status} after SIGTERM (expected 0)",
+                    node + 1
+                ),
             ),
             Err(e) => self.violations.add(6, format!("node n{}: {e}", node + 1)),
         }
@@ -236,7 +244,11 @@ impl Nemesis {
         let mut rules = Vec::new();
         for p in parts.values() {
             for (from, to) in &p.blocked {
-                let uid = self.procs.slot(*from).uid.ok_or("nodes do not run as their own uids")?;
+                let uid = self
+                    .procs
+                    .slot(*from)
+                    .uid
+                    .ok_or("nodes do not run as their own uids")?;
                 let ip = self.procs.slot(*to).ip.clone();
                 rules.push((uid, ip, self.cfg.p2p_port));
             }
@@ -245,7 +257,8 @@ impl Nemesis {
         rules.dedup();
         let fw = fw.lock().unwrap_or_else(|e| e.into_inner());
         fw.set(&rules).map_err(|e| {
-            self.violations.add(0, format!("harness: cannot set iptables rules: {e}"));
+            self.violations
+                .add(0, format!("harness: cannot set iptables rules: {e}"));
             e.to_string()
         })
     }
@@ -253,10 +266,14 @@ impl Nemesis {
     /// Kill -9, move the data directory aside, optionally tell the cluster
     /// to forget the old id, and start a fresh node on the same address.
     async fn replace(&self, node: usize, dur: Duration, forget: bool) -> FaultResult {
-        self.wait_safe(node, None, dur.max(Duration::from_secs(5))).await?;
+        self.wait_safe(node, None, dur.max(Duration::from_secs(5)))
+            .await?;
         let old_id = self.procs.slot(node).node_id.clone();
         self.procs.kill9(node).await;
-        let aside = self.procs.wipe(node).map_err(|e| format!("cannot move data aside: {e}"))?;
+        let aside = self
+            .procs
+            .wipe(node)
+            .map_err(|e| format!("cannot move data aside: {e}"))?;
         let mut note = format!("old id {old_id}, data moved to {}", aside.display());
         if forget {
             tokio::time::sleep(self.cfg.timers.dead_after + Duration::from_secs(1)).await;
@@ -309,7 +326,9 @@ impl Nemesis {
         }
         for k in 0..8u64 {
             let path = &files[((pick.wrapping_add(k * 7919)) % files.len() as u64) as usize];
-            let Some(id) = chunk_id_of(path) else { continue };
+            let Some(id) = chunk_id_of(path) else {
+                continue;
+            };
             if self.safe_to_destroy(node, Some(id)).is_err() {
                 continue;
             }
@@ -324,7 +343,8 @@ impl Nemesis {
             }
             let pos = (pick >> 16) % len;
             let mut byte = [0u8];
-            file.read_exact_at(&mut byte, pos).map_err(|e| e.to_string())?;
+            file.read_exact_at(&mut byte, pos)
+                .map_err(|e| e.to_string())?;
             byte[0] ^= 1 << ((pick >> 8) % 8);
             file.write_at(&byte, pos).map_err(|e| e.to_string())?;
             self.flipped
@@ -338,7 +358,12 @@ impl Nemesis {
 
     /// Waits (up to `patience`) until destroying `node`'s data (or one chunk
     /// of it) loses no chunk's last copy.
-    async fn wait_safe(&self, node: usize, only: Option<[u8; 20]>, patience: Duration) -> Result<(), String> {
+    async fn wait_safe(
+        &self,
+        node: usize,
+        only: Option<[u8; 20]>,
+        patience: Duration,
+    ) -> Result<(), String> {
         let deadline = Instant::now() + patience;
         loop {
             match self.safe_to_destroy(node, only) {
@@ -357,10 +382,17 @@ impl Nemesis {
             Some(id) => vec![id],
             None => {
                 let dir = self.procs.slot(node).data_dir().join("chunks");
-                chunk_files(&dir).iter().filter_map(|p| chunk_id_of(p)).collect()
+                chunk_files(&dir)
+                    .iter()
+                    .filter_map(|p| chunk_id_of(p))
+                    .collect()
             }
         };
-        let flipped = self.flipped.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let flipped = self
+            .flipped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let others: Vec<(usize, u32, std::path::PathBuf)> = (0..self.cfg.nodes)
             .filter(|i| *i != node)
             .map(|i| {
@@ -412,10 +444,15 @@ impl Nemesis {
                 }
             }
         }
-        let inflight = self.workload.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        let inflight = self
+            .workload
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         for chunks in inflight.values() {
             for c in chunks {
-                out.entry(*c).or_insert_with(|| "an upload in progress".into());
+                out.entry(*c)
+                    .or_insert_with(|| "an upload in progress".into());
             }
         }
         out

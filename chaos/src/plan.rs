@@ -15,19 +15,33 @@ const HOT_KEYS: u64 = 4;
 /// What an operation does.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OpKind {
-    Put { size: u64 },
+    Put {
+        size: u64,
+    },
     /// An upload that stops sending after `pause_after` bytes for `pause_ms`,
     /// longer than the GC grace, then sends the rest.
-    PausedPut { size: u64, pause_after: u64, pause_ms: u64 },
+    PausedPut {
+        size: u64,
+        pause_after: u64,
+        pause_ms: u64,
+    },
     /// An upload that the client abandons after `cancel_after` bytes.
-    CancelledPut { size: u64, cancel_after: u64 },
+    CancelledPut {
+        size: u64,
+        cancel_after: u64,
+    },
     Delete,
     Get,
     /// A ranged read; the range is drawn from `a` and `b` against the size
     /// the harness last saw acknowledged for the key.
-    GetRange { a: u64, b: u64 },
+    GetRange {
+        a: u64,
+        b: u64,
+    },
     Stat,
-    List { prefix: String },
+    List {
+        prefix: String,
+    },
 }
 
 impl OpKind {
@@ -238,23 +252,22 @@ fn generate_faults(cfg: &Config, rng: &mut Rng) -> Vec<PlannedFault> {
     let mean_gap = 2_500u64;
     loop {
         t += rng.range(mean_gap / 3, mean_gap * 5 / 3);
-        let Some(k) = rng.weighted(&weights) else {
-            break;
-        };
         let dur = rng.range(1_000, 9_000);
-        if t + 1_000 >= end {
+        if t + 1_000 >= end || weights.iter().all(|w| *w == 0) {
             break;
         }
         let dur = dur.min(end - 500 - t);
-        let kind = match draw_fault(cfg, rng, kinds[k], t, &node_free, &busy, partition_free) {
-            Some(kind) => kind,
-            None => continue,
-        };
+        let gap = cfg.destroy_gap.as_millis() as u64;
+        let destroy_ok = last_destroy.is_none_or(|d| t >= d + gap);
+        // A few draws, so a busy target or a too-early destroying fault
+        // gives way to another kind instead of leaving a hole.
+        let drawn = (0..4).find_map(|_| {
+            let k = rng.weighted(&weights)?;
+            draw_fault(cfg, rng, kinds[k], t, &node_free, &busy, partition_free)
+                .filter(|kind| destroy_ok || !kind.destroys_data())
+        });
+        let Some(kind) = drawn else { continue };
         if kind.destroys_data() {
-            let gap = cfg.destroy_gap.as_millis() as u64;
-            if last_destroy.is_some_and(|d| t < d + gap) {
-                continue;
-            }
             last_destroy = Some(t);
         }
         let dur = if matches!(kind, FaultKind::Flip { .. }) {
@@ -407,8 +420,8 @@ pub mod tests_support {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use super::tests_support::config as test_config;
+    use super::*;
 
     #[test]
     fn same_seed_same_plan_other_seed_other_plan() {
@@ -443,7 +456,10 @@ mod tests {
                     .filter(|g| !matches!(g.kind, FaultKind::Partition(_) | FaultKind::Flip { .. }))
                     .filter(|g| g.at_ms <= f.at_ms && f.at_ms < g.at_ms + g.dur_ms)
                     .count();
-                assert!(overlapping <= cfg.max_down, "seed {seed}: too many down at {f:?}");
+                assert!(
+                    overlapping <= cfg.max_down,
+                    "seed {seed}: too many down at {f:?}"
+                );
             }
         }
     }

@@ -94,37 +94,48 @@ fn draw_op(
 ) -> (String, OpKind) {
     let chunk = cfg.chunk_size;
     match kind {
-        "put" => (upload_key(rng, client, fresh), OpKind::Put {
-            size: draw_size(cfg, rng),
-        }),
+        "put" => (
+            upload_key(rng, client, fresh),
+            OpKind::Put {
+                size: draw_size(cfg, rng),
+            },
+        ),
         "pause" => {
             // Past at least one whole chunk, so written chunks wait for their
             // record through the pause.
-            let size = rng.range(2 * chunk, 12 * chunk).min(cfg.max_size.max(2 * chunk));
+            let size = rng
+                .range(2 * chunk, 12 * chunk)
+                .min(cfg.max_size.max(2 * chunk));
             let pause_after = rng.range(chunk, size - 1);
             let grace = cfg.timers.gc_grace.as_millis() as u64;
             let tick = cfg.timers.gc_interval.as_millis() as u64;
             let pause_ms = grace + 2 * tick + rng.range(500, grace);
-            (upload_key(rng, client, fresh), OpKind::PausedPut {
-                size,
-                pause_after,
-                pause_ms,
-            })
+            (
+                upload_key(rng, client, fresh),
+                OpKind::PausedPut {
+                    size,
+                    pause_after,
+                    pause_ms,
+                },
+            )
         }
         "cancel" => {
             let size = rng.range(2 * chunk, 8 * chunk);
             let cancel_after = rng.range(1, size - 1);
-            (upload_key(rng, client, fresh), OpKind::CancelledPut {
-                size,
-                cancel_after,
-            })
+            (
+                upload_key(rng, client, fresh),
+                OpKind::CancelledPut { size, cancel_after },
+            )
         }
         "delete" => (existing_key(rng, fresh), OpKind::Delete),
         "get" => (existing_key(rng, fresh), OpKind::Get),
-        "range" => (existing_key(rng, fresh), OpKind::GetRange {
-            a: rng.next_u64(),
-            b: rng.next_u64(),
-        }),
+        "range" => (
+            existing_key(rng, fresh),
+            OpKind::GetRange {
+                a: rng.next_u64(),
+                b: rng.next_u64(),
+            },
+        ),
         "stat" => (existing_key(rng, fresh), OpKind::Stat),
         "list" => {
             let prefix = match rng.below(3) {

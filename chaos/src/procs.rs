@@ -186,9 +186,10 @@ impl Procs {
         if let Some(uid) = slot.uid {
             cmd.uid(uid).gid(uid);
         }
-        slot.child = Some(cmd.spawn().map_err(|e| {
-            anyhow::anyhow!("cannot start {}: {e}", self.cfg.dfs_bin.display())
-        })?);
+        slot.child =
+            Some(cmd.spawn().map_err(|e| {
+                anyhow::anyhow!("cannot start {}: {e}", self.cfg.dfs_bin.display())
+            })?);
         slot.state = ProcState::Running;
         slot.node_id.clear();
         Ok(())
@@ -218,7 +219,12 @@ impl Procs {
         for other in 0..self.cfg.nodes {
             if other != slot.idx {
                 a.push("--peer".into());
-                a.push(format!("{}.{}:{}", self.cfg.net, other + 1, self.cfg.p2p_port));
+                a.push(format!(
+                    "{}.{}:{}",
+                    self.cfg.net,
+                    other + 1,
+                    self.cfg.p2p_port
+                ));
             }
         }
         if let Some(c) = slot.capacity {

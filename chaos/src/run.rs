@@ -55,7 +55,12 @@ impl Run {
         let run_start_ms = now_ms();
         let start = Instant::now();
         let end = start + self.cfg.duration;
-        let workload = Arc::new(Workload::new(&self.cfg, self.addrs(), history.clone(), self.procs.key_file())?);
+        let workload = Arc::new(Workload::new(
+            &self.cfg,
+            self.addrs(),
+            history.clone(),
+            self.procs.key_file(),
+        )?);
         let nemesis = Arc::new(Nemesis::new(
             &self.cfg,
             &self.caps,
@@ -67,9 +72,16 @@ impl Run {
             run_start_ms,
         ));
         let stop_monitor = Arc::new(AtomicBool::new(false));
-        let monitor = tokio::spawn(monitor(self.procs.clone(), self.violations.clone(), stop_monitor.clone()));
+        let monitor = tokio::spawn(monitor(
+            self.procs.clone(),
+            self.violations.clone(),
+            stop_monitor.clone(),
+        ));
         let mut clients = Vec::new();
-        for (c, ops) in split_by_client(&plan.ops, self.cfg.clients).into_iter().enumerate() {
+        for (c, ops) in split_by_client(&plan.ops, self.cfg.clients)
+            .into_iter()
+            .enumerate()
+        {
             let w = workload.clone();
             clients.push(tokio::spawn(async move {
                 w.run_client(ops, start, end).await;
@@ -81,7 +93,10 @@ impl Run {
             let _ = c.await;
         }
         history.flush();
-        println!("chaos: faults and operations over after {:.0}s; healing", start.elapsed().as_secs_f64());
+        println!(
+            "chaos: faults and operations over after {:.0}s; healing",
+            start.elapsed().as_secs_f64()
+        );
         let faults = nemesis.records();
         write_faults(&self.run_dir, &faults)?;
         self.heal().await;
@@ -100,7 +115,9 @@ impl Run {
     }
 
     pub fn addrs(&self) -> Vec<String> {
-        (0..self.cfg.nodes).map(|i| self.procs.grpc_addr(i)).collect()
+        (0..self.cfg.nodes)
+            .map(|i| self.procs.grpc_addr(i))
+            .collect()
     }
 
     fn announce(&self, plan: &Plan) {
@@ -126,7 +143,9 @@ impl Run {
             }
         }
         if !self.caps.scrub {
-            println!("chaos: the binary has no scrubber: a flipped byte is only found when something reads that copy");
+            println!(
+                "chaos: the binary has no scrubber: a flipped byte is only found when something reads that copy"
+            );
         }
     }
 
@@ -134,8 +153,12 @@ impl Run {
         for i in 0..self.cfg.nodes {
             self.procs.start(i, "initial start").await?;
         }
-        self.wait_members(Instant::now() + Duration::from_secs(60)).await;
-        println!("chaos: {} nodes up at {}.1..{}", self.cfg.nodes, self.cfg.net, self.cfg.nodes);
+        self.wait_members(Instant::now() + Duration::from_secs(60))
+            .await;
+        println!(
+            "chaos: {} nodes up at {}.1..{}",
+            self.cfg.nodes, self.cfg.net, self.cfg.nodes
+        );
         Ok(())
     }
 
@@ -145,10 +168,13 @@ impl Run {
         loop {
             let mut all = true;
             for addr in self.addrs() {
-                let up = match tokio::time::timeout(Duration::from_secs(5), crate::procs::status(&addr)).await {
-                    Ok(Ok(s)) => s.members.iter().filter(|m| m.state == "up").count(),
-                    _ => 0,
-                };
+                let up =
+                    match tokio::time::timeout(Duration::from_secs(5), crate::procs::status(&addr))
+                        .await
+                    {
+                        Ok(Ok(s)) => s.members.iter().filter(|m| m.state == "up").count(),
+                        _ => 0,
+                    };
                 all &= up >= want;
             }
             if all {
@@ -170,9 +196,12 @@ impl Run {
             let state = self.procs.slot(i).state;
             match state {
                 ProcState::Stopped => self.procs.pause(i, false),
+                // The monitor may have restarted it a moment ago.
+                ProcState::Down if self.procs.slot(i).child.is_some() => {}
                 ProcState::Down => {
                     if let Err(e) = self.procs.start(i, "heal").await {
-                        self.violations.add(6, format!("node n{} did not start for healing: {e}", i + 1));
+                        self.violations
+                            .add(6, format!("node n{} did not start for healing: {e}", i + 1));
                     }
                 }
                 ProcState::Running => {}
@@ -184,27 +213,58 @@ impl Run {
         }
     }
 
-    async fn check(&self, events: &[Event], faults: &[FaultRecord], run_start_ms: u64) -> anyhow::Result<()> {
+    async fn check(
+        &self,
+        events: &[Event],
+        faults: &[FaultRecord],
+        run_start_ms: u64,
+    ) -> anyhow::Result<()> {
         let skewed = faults.iter().any(|f| f.executed && f.kind == "skew");
         let timing = model::Timing {
-            spread_ms: if skewed { self.cfg.max_skew.as_millis() as u64 } else { 0 },
+            spread_ms: if skewed {
+                self.cfg.max_skew.as_millis() as u64
+            } else {
+                0
+            },
             margin_ms: 5,
         };
         let model = model::Model::build(events, timing);
         let deadline = Instant::now() + self.cfg.heal_timeout;
         let addrs = self.addrs();
         let listings = final_state::converge(&addrs, deadline).await;
-        println!("chaos: listings {} ", if listings.converged { "converged" } else { "did NOT converge" });
+        println!(
+            "chaos: listings {} ",
+            if listings.converged {
+                "converged"
+            } else {
+                "did NOT converge"
+            }
+        );
         final_state::judge(&model, &listings, &self.violations);
         if let Some(listing) = listings.first_ok() {
             let secret = dfs::crypto::ClusterSecret::read_file(self.procs.key_file())?;
             let keys = dfs::crypto::Keys::derive(&secret);
             let r = self.cfg.effective_replicas();
-            let n = replicas::check(&model, listing, &self.procs, &keys, r, deadline, &self.violations).await;
-            println!("chaos: checked {n} chunks of {} live objects for {r} verified copies", listing.len());
+            let n = replicas::check(
+                &model,
+                listing,
+                &self.procs,
+                &keys,
+                r,
+                deadline,
+                &self.violations,
+            )
+            .await;
+            println!(
+                "chaos: checked {n} chunks of {} live objects for {r} verified copies",
+                listing.len()
+            );
         }
         let n = final_state::read_through(&model, &listings, &addrs, &self.violations).await;
-        println!("chaos: read {n} live objects through each of {} nodes", addrs.len());
+        println!(
+            "chaos: read {n} live objects through each of {} nodes",
+            addrs.len()
+        );
         let settle = self.cfg.timers.settle().as_millis() as u64;
         let windows = reads::Windows::new(faults, settle, run_start_ms, self.cfg.nodes);
         let ctx = reads::Ctx {
@@ -219,15 +279,22 @@ impl Run {
     }
 
     fn check_memory(&self) {
+        let peaks: Vec<String> = (0..self.cfg.nodes)
+            .map(|i| format!("n{} {} MiB", i + 1, self.procs.slot(i).peak_rss >> 20))
+            .collect();
+        println!("chaos: peak resident memory: {}", peaks.join(", "));
         for i in 0..self.cfg.nodes {
             let peak = self.procs.slot(i).peak_rss;
             if peak > self.cfg.rss_bound {
-                self.violations.add(6, format!(
-                    "node n{} peaked at {} MiB resident, over the bound of {} MiB",
-                    i + 1,
-                    peak >> 20,
-                    self.cfg.rss_bound >> 20
-                ));
+                self.violations.add(
+                    6,
+                    format!(
+                        "node n{} peaked at {} MiB resident, over the bound of {} MiB",
+                        i + 1,
+                        peak >> 20,
+                        self.cfg.rss_bound >> 20
+                    ),
+                );
             }
         }
     }
@@ -237,8 +304,13 @@ impl Run {
         for i in 0..self.cfg.nodes {
             match self.procs.terminate(i).await {
                 Ok(s) if s.success() => {}
-                Ok(s) => self.violations.add(6, format!("node n{} exited with {s} on the final SIGTERM", i + 1)),
-                Err(e) => self.violations.add(6, format!("node n{} on the final SIGTERM: {e}", i + 1)),
+                Ok(s) => self.violations.add(
+                    6,
+                    format!("node n{} exited with {s} on the final SIGTERM", i + 1),
+                ),
+                Err(e) => self
+                    .violations
+                    .add(6, format!("node n{} on the final SIGTERM: {e}", i + 1)),
             }
         }
     }
@@ -259,11 +331,14 @@ async fn monitor(procs: Arc<Procs>, violations: Arc<Violations>, stop: Arc<Atomi
     while !stop.load(Ordering::SeqCst) {
         for (i, status) in procs.poll() {
             let log = procs.slot(i).log_path();
-            violations.add(6, format!(
-                "node n{} exited by itself ({status}); see {}",
-                i + 1,
-                log.display()
-            ));
+            violations.add(
+                6,
+                format!(
+                    "node n{} exited by itself ({status}); see {}",
+                    i + 1,
+                    log.display()
+                ),
+            );
             if restarts[i] < 3 {
                 restarts[i] += 1;
                 let _ = procs.start(i, "after an unexpected exit").await;
@@ -296,7 +371,12 @@ fn write_stats(dir: &std::path::Path, events: &[Event]) -> anyhow::Result<()> {
         let parts: Vec<String> = outcomes.iter().map(|(o, n)| format!("{o} {n}")).collect();
         text.push_str(&format!("{kind}: {}\n", parts.join(", ")));
     }
-    print!("{}", text.lines().map(|l| format!("chaos: outcomes {l}\n")).collect::<String>());
+    print!(
+        "{}",
+        text.lines()
+            .map(|l| format!("chaos: outcomes {l}\n"))
+            .collect::<String>()
+    );
     fs::write(dir.join("outcomes.txt"), text)?;
     Ok(())
 }

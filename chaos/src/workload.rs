@@ -46,7 +46,12 @@ pub struct Workload {
 }
 
 impl Workload {
-    pub fn new(cfg: &Config, addrs: Vec<String>, history: Arc<History>, key_file: &std::path::Path) -> anyhow::Result<Self> {
+    pub fn new(
+        cfg: &Config,
+        addrs: Vec<String>,
+        history: Arc<History>,
+        key_file: &std::path::Path,
+    ) -> anyhow::Result<Self> {
         let secret = dfs::crypto::ClusterSecret::read_file(key_file)?;
         Ok(Self {
             cfg: cfg.clone(),
@@ -73,7 +78,11 @@ impl Workload {
         }
     }
 
-    fn storage(&self, channels: &mut [Option<Channel>], node: usize) -> Result<StorageClient<Channel>, Status> {
+    fn storage(
+        &self,
+        channels: &mut [Option<Channel>],
+        node: usize,
+    ) -> Result<StorageClient<Channel>, Status> {
         if channels[node].is_none() {
             channels[node] = Some(conn::shared(&self.addrs[node])?);
         }
@@ -85,11 +94,17 @@ impl Workload {
         let mut ev = Event::new(op, now_ms());
         match &op.kind {
             OpKind::Put { size } => self.put(op, *size, None, None, &mut ev).await,
-            OpKind::PausedPut { size, pause_after, pause_ms } => {
-                self.put(op, *size, Some((*pause_after, *pause_ms)), None, &mut ev).await
+            OpKind::PausedPut {
+                size,
+                pause_after,
+                pause_ms,
+            } => {
+                self.put(op, *size, Some((*pause_after, *pause_ms)), None, &mut ev)
+                    .await
             }
             OpKind::CancelledPut { size, cancel_after } => {
-                self.put(op, *size, None, Some(*cancel_after), &mut ev).await
+                self.put(op, *size, None, Some(*cancel_after), &mut ev)
+                    .await
             }
             other => match self.storage(channels, op.node) {
                 Ok(mut storage) => {
@@ -108,10 +123,18 @@ impl Workload {
 
     /// Every operation but uploads. Sets `ev.outcome` as it goes, so a
     /// timeout keeps whatever was seen.
-    async fn simple(&self, storage: &mut StorageClient<Channel>, op: &PlannedOp, kind: &OpKind, ev: &mut Event) {
+    async fn simple(
+        &self,
+        storage: &mut StorageClient<Channel>,
+        op: &PlannedOp,
+        kind: &OpKind,
+        ev: &mut Event,
+    ) {
         let result = match kind {
             OpKind::Delete => storage
-                .delete(DeleteRequest { key: op.key.clone() })
+                .delete(DeleteRequest {
+                    key: op.key.clone(),
+                })
                 .await
                 .map(|r| ev.version = Ver::from_proto(r.into_inner().version.as_ref())),
             OpKind::Get => self.read(storage, op, 0, 0, ev).await,
@@ -142,7 +165,14 @@ impl Workload {
 
     /// Streams a download, hashing what arrives and checking the stream's
     /// shape: the info first, once, then data.
-    async fn read(&self, storage: &mut StorageClient<Channel>, op: &PlannedOp, offset: u64, length: u64, ev: &mut Event) -> Result<(), Status> {
+    async fn read(
+        &self,
+        storage: &mut StorageClient<Channel>,
+        op: &PlannedOp,
+        offset: u64,
+        length: u64,
+        ev: &mut Event,
+    ) -> Result<(), Status> {
         ev.read = Some(ReadDetail {
             offset,
             length,
@@ -163,11 +193,15 @@ impl Workload {
                         detail.info = Some(Seen::from_info(&info));
                     }
                     Some(download_response::Msg::Info(_)) => {
-                        detail.protocol.get_or_insert("a second info message".into());
+                        detail
+                            .protocol
+                            .get_or_insert("a second info message".into());
                     }
                     Some(download_response::Msg::Data(d)) => {
                         if detail.info.is_none() {
-                            detail.protocol.get_or_insert("data before the info message".into());
+                            detail
+                                .protocol
+                                .get_or_insert("data before the info message".into());
                         }
                         sha1.update(&d);
                         detail.got_len += d.len() as u64;
@@ -208,7 +242,14 @@ impl Workload {
     }
 
     /// One upload on a connection of its own; see [`conn`] for why.
-    async fn put(&self, op: &PlannedOp, size: u64, pause: Option<(u64, u64)>, cancel_after: Option<u64>, ev: &mut Event) {
+    async fn put(
+        &self,
+        op: &PlannedOp,
+        size: u64,
+        pause: Option<(u64, u64)>,
+        cancel_after: Option<u64>,
+        ev: &mut Event,
+    ) {
         let mut detail = self.describe(op.id, size);
         self.inflight_set(op.id, Some(detail.chunks.clone()));
         let limit = self.cfg.op_timeout + Duration::from_millis(pause.map_or(0, |p| p.1));
@@ -259,7 +300,10 @@ impl Workload {
                 let info = resp.object.unwrap_or_default();
                 ev.version = Ver::from_proto(info.version.as_ref());
                 ev.stat = Some(Seen::from_info(&info));
-                self.sizes.lock().unwrap_or_else(|p| p.into_inner()).insert(op.key.clone(), size);
+                self.sizes
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(op.key.clone(), size);
                 Outcome::Ok
             }
             Ended::Reply(Err(s)) => Outcome::from_status(&s),
@@ -332,7 +376,10 @@ impl Feed {
                 return hold_open(tx).await;
             }
             let mut end = (off + self.piece).min(self.size);
-            for stop in [self.pause.map(|p| p.0), self.cancel_after].into_iter().flatten() {
+            for stop in [self.pause.map(|p| p.0), self.cancel_after]
+                .into_iter()
+                .flatten()
+            {
                 if off < stop && stop < end {
                     end = stop;
                 }
@@ -375,7 +422,11 @@ async fn hold_open(tx: mpsc::Sender<UploadRequest>) {
     }
 }
 
-async fn list(storage: &mut StorageClient<Channel>, prefix: &str, ev: &mut Event) -> Result<(), Status> {
+async fn list(
+    storage: &mut StorageClient<Channel>,
+    prefix: &str,
+    ev: &mut Event,
+) -> Result<(), Status> {
     let mut all = Vec::new();
     let mut token = String::new();
     for _ in 0..1000 {
@@ -400,12 +451,12 @@ async fn list(storage: &mut StorageClient<Channel>, prefix: &str, ev: &mut Event
 /// A range to read from an object of (last known) `size`: mostly inside,
 /// sometimes to the end, one in ten past the end.
 pub fn draw_range(size: u64, a: u64, b: u64) -> (u64, u64) {
-    if b % 10 == 0 {
+    if b.is_multiple_of(10) {
         return (size + 1 + a % 1000, 1 + (b >> 8) % 1000);
     }
     let offset = a % (size + 1);
     let rest = size - offset;
-    let length = if b % 5 == 0 || rest == 0 {
+    let length = if b.is_multiple_of(5) || rest == 0 {
         0
     } else {
         1 + (b >> 8) % rest

@@ -47,8 +47,13 @@ pub async fn converge(addrs: &[String], deadline: Instant) -> Listings {
 
 async fn list_node(addr: &str) -> Result<Vec<Seen>, String> {
     let call = async {
-        let mut client = Client::connect(addr, None).await.map_err(|e| e.to_string())?;
-        let all = client.list_all("").await.map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+        let mut client = Client::connect(addr, None)
+            .await
+            .map_err(|e| e.to_string())?;
+        let all = client
+            .list_all("")
+            .await
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
         Ok(all.iter().map(Seen::from_info).collect::<Vec<_>>())
     };
     tokio::time::timeout(Duration::from_secs(30), call)
@@ -71,7 +76,11 @@ pub fn judge(model: &Model, listings: &Listings, violations: &Violations) {
         if listings.converged && i > 0 {
             break;
         }
-        let whom = if listings.converged { "every node".to_owned() } else { format!("n{}", i + 1) };
+        let whom = if listings.converged {
+            "every node".to_owned()
+        } else {
+            format!("n{}", i + 1)
+        };
         let mut keys: Vec<&str> = model.keys.keys().copied().collect();
         keys.extend(listing.iter().map(|s| s.key.as_str()));
         keys.sort_unstable();
@@ -100,7 +109,10 @@ fn describe_divergence(listings: &Listings) -> String {
                     .or_else(|| l.iter().find(|s| !f.contains(s)))
                     .map(|s| format!(", e.g. {:?} {:?}", s.key, s.version))
                     .unwrap_or_default();
-                parts.push(format!("n{} differs from the first listing: {missing} missing, {extra} extra{example}", i + 1));
+                parts.push(format!(
+                    "n{} differs from the first listing: {missing} missing, {extra} extra{example}",
+                    i + 1
+                ));
             }
             _ => {}
         }
@@ -111,7 +123,12 @@ fn describe_divergence(listings: &Listings) -> String {
 /// Reads every live object through every node (check 1): each must come
 /// back whole and byte-exact. A read is retried a few times, since a node
 /// may still be fetching or repairing.
-pub async fn read_through(model: &Model<'_>, listings: &Listings, addrs: &[String], violations: &Violations) -> usize {
+pub async fn read_through(
+    model: &Model<'_>,
+    listings: &Listings,
+    addrs: &[String],
+    violations: &Violations,
+) -> usize {
     let Some(listing) = listings.first_ok() else {
         violations.add(1, "no node could list its objects after healing");
         return 0;
@@ -128,7 +145,16 @@ pub async fn read_through(model: &Model<'_>, listings: &Listings, addrs: &[Strin
             let mut bad = Vec::new();
             for o in &objects {
                 if let Err((check, e)) = read_one(&addr, o).await {
-                    bad.push((check, format!("{:?} (sha1 {}, {} bytes) through n{}: {e}", o.key, o.sha1, o.size, n + 1)));
+                    bad.push((
+                        check,
+                        format!(
+                            "{:?} (sha1 {}, {} bytes) through n{}: {e}",
+                            o.key,
+                            o.sha1,
+                            o.size,
+                            n + 1
+                        ),
+                    ));
                 }
             }
             bad
@@ -150,7 +176,9 @@ async fn read_one(addr: &str, o: &Seen) -> Result<(), (u8, String)> {
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
         let call = async {
-            let mut client = Client::connect(addr, None).await.map_err(|e| e.to_string())?;
+            let mut client = Client::connect(addr, None)
+                .await
+                .map_err(|e| e.to_string())?;
             let mut sink = tokio::io::sink();
             client
                 .download(Client::key_request(&o.key), &mut sink, |_| {})
@@ -164,7 +192,13 @@ async fn read_one(addr: &str, o: &Seen) -> Result<(), (u8, String)> {
                     return Ok(());
                 }
                 // Wrong bytes are never retried away: that is the finding.
-                return Err((2, format!("returned {len} bytes with sha1 {got} (info says {})", info.sha1)));
+                return Err((
+                    2,
+                    format!(
+                        "returned {len} bytes with sha1 {got} (info says {})",
+                        info.sha1
+                    ),
+                ));
             }
             Ok(Err(e)) => last = e,
             Err(_) => last = "timed out".into(),

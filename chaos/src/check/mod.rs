@@ -43,7 +43,10 @@ impl Violations {
         if same < PRINT_PER_CHECK {
             println!("chaos: VIOLATION (check {}): {}", v.check, v.what);
         } else if same == PRINT_PER_CHECK {
-            println!("chaos: more violations of check {} follow in violations.txt", v.check);
+            println!(
+                "chaos: more violations of check {} follow in violations.txt",
+                v.check
+            );
         }
         all.push(v);
     }
@@ -54,5 +57,115 @@ impl Violations {
 
     pub fn count(&self) -> usize {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+/// Hand-made histories for the checker's own tests: a checker that cannot
+/// fail is a defect too.
+#[cfg(test)]
+pub mod fixtures {
+    use crate::{
+        history::{Event, Outcome, PutDetail, Seen, Ver},
+        plan::{OpKind, PlannedOp},
+        rng::DataGen,
+    };
+    use sha1::{Digest, Sha1};
+
+    pub const SEED: u64 = 42;
+
+    fn op(id: u64, key: &str, kind: OpKind) -> PlannedOp {
+        PlannedOp {
+            id,
+            client: 0,
+            at_ms: 0,
+            node: 0,
+            key: key.into(),
+            kind,
+        }
+    }
+
+    pub fn ver(ms: u64, node: &str) -> Ver {
+        Ver {
+            hlc: ms << 16,
+            node: node.into(),
+        }
+    }
+
+    /// The SHA-1 of op `id`'s `size` bytes.
+    pub fn sha1_of(id: u64, size: u64) -> String {
+        hex::encode(Sha1::digest(DataGen::new(SEED, id).bytes(0, size as usize)))
+    }
+
+    /// An upload of `size` bytes, invoked at `t0` and answered at `t1`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn put(
+        id: u64,
+        key: &str,
+        size: u64,
+        t0: u64,
+        t1: u64,
+        outcome: Outcome,
+        v: Option<Ver>,
+        sent_all: bool,
+    ) -> Event {
+        let mut e = Event::new(&op(id, key, OpKind::Put { size }), t0);
+        e.complete_ms = t1;
+        let sha1 = sha1_of(id, size);
+        e.put = Some(PutDetail {
+            size,
+            sha1: sha1.clone(),
+            chunks: vec![],
+            sent: size,
+            sent_all,
+        });
+        if outcome.is_ok() {
+            e.stat = Some(Seen {
+                key: key.into(),
+                sha1,
+                size,
+                version: v.clone(),
+            });
+        }
+        e.outcome = outcome;
+        e.version = v;
+        e
+    }
+
+    pub fn acked(id: u64, key: &str, size: u64, t0: u64, t1: u64, v_ms: u64) -> Event {
+        put(
+            id,
+            key,
+            size,
+            t0,
+            t1,
+            Outcome::Ok,
+            Some(ver(v_ms, "a")),
+            true,
+        )
+    }
+
+    pub fn delete(id: u64, key: &str, t0: u64, t1: u64, outcome: Outcome, v: Option<Ver>) -> Event {
+        let mut e = Event::new(&op(id, key, OpKind::Delete), t0);
+        e.complete_ms = t1;
+        e.outcome = outcome;
+        e.version = v;
+        e
+    }
+
+    pub fn seen_of(e: &Event) -> Seen {
+        let p = e.put.as_ref().unwrap();
+        Seen {
+            key: e.op.key.clone(),
+            sha1: p.sha1.clone(),
+            size: p.size,
+            version: e.version.clone(),
+        }
+    }
+
+    pub fn unavailable() -> Outcome {
+        Outcome::Err {
+            code: "UNAVAILABLE".into(),
+            msg: String::new(),
+        }
     }
 }

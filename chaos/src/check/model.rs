@@ -123,9 +123,12 @@ impl<'a> Model<'a> {
     /// Which upload `seen` is. `before_ms`: the observation ended then, so
     /// the upload must have started earlier.
     pub fn identify(&self, seen: &Seen, before_ms: Option<u64>) -> Identity<'a> {
-        let started = |w: &Write| before_ms.is_none_or(|b| w.ev.invoke_ms <= b + self.timing.margin_ms);
+        let started =
+            |w: &Write| before_ms.is_none_or(|b| w.ev.invoke_ms <= b + self.timing.margin_ms);
         let same_bytes = |w: &&Write| {
-            w.put().is_some_and(|p| p.sha1 == seen.sha1 && p.size == seen.size) && started(w)
+            w.put()
+                .is_some_and(|p| p.sha1 == seen.sha1 && p.size == seen.size)
+                && started(w)
         };
         let candidates: Vec<&Write> = self.writes(&seen.key).iter().filter(same_bytes).collect();
         let fits = |w: &&&Write| match (&w.fate, &seen.version) {
@@ -147,7 +150,11 @@ impl<'a> Model<'a> {
                 seen.key,
                 seen.sha1,
                 seen.size,
-                if before_ms.is_some() { " started before it was seen" } else { "" }
+                if before_ms.is_some() {
+                    " started before it was seen"
+                } else {
+                    ""
+                }
             )
         } else {
             format!(
@@ -175,10 +182,13 @@ impl<'a> Model<'a> {
                 match self.identify(o, None) {
                     Identity::Upload(_) => {}
                     Identity::Abandoned(w) => {
-                        return Err((2, format!(
-                            "{key:?} holds the bytes of op {}, an upload the client abandoned mid-stream",
-                            w.ev.op.id
-                        )));
+                        return Err((
+                            2,
+                            format!(
+                                "{key:?} holds the bytes of op {}, an upload the client abandoned mid-stream",
+                                w.ev.op.id
+                            ),
+                        ));
                     }
                     Identity::Foreign(why) => return Err((2, why)),
                 }
@@ -186,11 +196,20 @@ impl<'a> Model<'a> {
                 if o.version.as_ref() >= m.version() {
                     return Ok(());
                 }
-                let (check, what) = if m.is_delete() { (3, "resurrected: the acknowledged delete") } else { (1, "lost: the acknowledged upload") };
-                Err((check, format!(
-                    "{key:?} {what} op {} (version {:?}) lost to an older version {:?}",
-                    m.ev.op.id, m.version(), o.version
-                )))
+                let (check, what) = if m.is_delete() {
+                    (3, "resurrected: the acknowledged delete")
+                } else {
+                    (1, "lost: the acknowledged upload")
+                };
+                Err((
+                    check,
+                    format!(
+                        "{key:?} {what} op {} (version {:?}) lost to an older version {:?}",
+                        m.ev.op.id,
+                        m.version(),
+                        o.version
+                    ),
+                ))
             }
             None => {
                 let Some(m) = newest else { return Ok(()) };
@@ -199,15 +218,21 @@ impl<'a> Model<'a> {
                 }
                 let mv = m.version().map_or(0, Ver::ms);
                 let unanswered_delete = self.writes(key).iter().any(|w| {
-                    w.is_delete() && w.fate == Fate::Maybe && w.ev.complete_ms + self.timing.slack() >= mv
+                    w.is_delete()
+                        && w.fate == Fate::Maybe
+                        && w.ev.complete_ms + self.timing.slack() >= mv
                 });
                 if unanswered_delete {
                     return Ok(());
                 }
-                Err((1, format!(
-                    "{key:?} is gone, but op {} uploaded it (acknowledged, version {:?}) and no delete can be newer",
-                    m.ev.op.id, m.version()
-                )))
+                Err((
+                    1,
+                    format!(
+                        "{key:?} is gone, but op {} uploaded it (acknowledged, version {:?}) and no delete can be newer",
+                        m.ev.op.id,
+                        m.version()
+                    ),
+                ))
             }
         }
     }
@@ -233,5 +258,132 @@ impl<'a> Model<'a> {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::check::fixtures::*;
+
+    const T: Timing = Timing {
+        spread_ms: 0,
+        margin_ms: 5,
+    };
+
+    #[test]
+    fn a_lost_acknowledged_upload_is_check_1() {
+        let events = vec![acked(1, "k", 10, 100, 110, 105)];
+        let m = Model::build(&events, T);
+        assert_eq!(m.judge_final("k", None).unwrap_err().0, 1);
+        assert!(m.judge_final("k", Some(&seen_of(&events[0]))).is_ok());
+    }
+
+    #[test]
+    fn an_object_older_than_an_acknowledged_delete_is_check_3() {
+        let events = vec![
+            acked(1, "k", 10, 100, 110, 105),
+            delete(2, "k", 200, 210, Outcome::Ok, Some(ver(205, "b"))),
+        ];
+        let m = Model::build(&events, T);
+        assert_eq!(
+            m.judge_final("k", Some(&seen_of(&events[0])))
+                .unwrap_err()
+                .0,
+            3
+        );
+        assert!(m.judge_final("k", None).is_ok());
+    }
+
+    #[test]
+    fn a_failed_upload_may_appear_only_with_a_plausible_version() {
+        let mut events = vec![put(1, "k", 10, 100, 110, unavailable(), None, true)];
+        let m = Model::build(&events, T);
+        assert!(
+            m.judge_final("k", None).is_ok(),
+            "a failed upload may leave no object"
+        );
+        let mut seen = seen_of(&events[0]);
+        seen.version = Some(ver(107, "a"));
+        assert!(
+            m.judge_final("k", Some(&seen)).is_ok(),
+            "or the whole object"
+        );
+        seen.version = Some(ver(5_000, "a"));
+        assert_eq!(
+            m.judge_final("k", Some(&seen)).unwrap_err().0,
+            2,
+            "not with a version from after it ended"
+        );
+        events[0].put.as_mut().unwrap().sent_all = false;
+        let m = Model::build(&events, T);
+        seen.version = Some(ver(107, "a"));
+        assert!(matches!(m.identify(&seen, None), Identity::Abandoned(_)));
+        assert_eq!(
+            m.judge_final("k", Some(&seen)).unwrap_err().0,
+            2,
+            "an abandoned stream never becomes an object"
+        );
+    }
+
+    #[test]
+    fn bytes_nobody_uploaded_are_foreign() {
+        let events = vec![acked(1, "k", 10, 100, 110, 105)];
+        let m = Model::build(&events, T);
+        let mut seen = seen_of(&events[0]);
+        seen.sha1 = sha1_of(99, 10);
+        assert!(matches!(m.identify(&seen, None), Identity::Foreign(_)));
+        let seen = seen_of(&events[0]);
+        assert!(
+            matches!(m.identify(&seen, Some(50)), Identity::Foreign(_)),
+            "seen before it was uploaded"
+        );
+    }
+
+    #[test]
+    fn an_unanswered_delete_may_explain_a_missing_object() {
+        let events = vec![
+            acked(1, "k", 10, 100, 110, 105),
+            delete(2, "k", 200, 210, unavailable(), None),
+        ];
+        assert!(Model::build(&events, T).judge_final("k", None).is_ok());
+        let events = vec![
+            acked(1, "k", 10, 100, 110, 105),
+            delete(
+                2,
+                "k",
+                20,
+                30,
+                Outcome::Err {
+                    code: "NOT_FOUND".into(),
+                    msg: String::new(),
+                },
+                None,
+            ),
+        ];
+        assert_eq!(
+            Model::build(&events, T)
+                .judge_final("k", None)
+                .unwrap_err()
+                .0,
+            1
+        );
+    }
+
+    #[test]
+    fn later_acknowledged_writes_must_get_larger_versions_beyond_the_skew() {
+        // Op 2 starts 100 ms after op 1 was acknowledged but gets an older version.
+        let events = vec![
+            acked(1, "k", 10, 100, 110, 300),
+            acked(2, "k", 20, 210, 220, 215),
+        ];
+        let strict = Model::build(&events, T).order_violations();
+        assert_eq!(strict.len(), 1);
+        assert_eq!(strict[0].0, 1);
+        let lenient = Timing {
+            spread_ms: 500,
+            margin_ms: 5,
+        };
+        assert!(Model::build(&events, lenient).order_violations().is_empty());
     }
 }

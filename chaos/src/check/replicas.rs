@@ -30,6 +30,9 @@ use crate::{history::Seen, procs::Procs};
 /// when it changed.
 type FileStamp = (usize, u32, [u8; 20], u64, Option<SystemTime>);
 
+/// A chunk short of copies: id, object key, index in the object, where its copies are.
+type Short = ([u8; 20], String, usize, Vec<String>);
+
 /// Chunks of live objects: id -> (key, index in the object).
 fn needed(model: &Model, listing: &[Seen]) -> BTreeMap<[u8; 20], (String, usize)> {
     let mut out = BTreeMap::new();
@@ -79,7 +82,7 @@ async fn count_short(
     keys: &Keys,
     r: usize,
     cache: &mut HashMap<FileStamp, bool>,
-) -> Vec<([u8; 20], String, usize, Vec<String>)> {
+) -> Vec<Short> {
     let dirs: Vec<(usize, u32, std::path::PathBuf)> = (0..procs.slots.len())
         .map(|i| {
             let s = procs.slot(i);
@@ -93,7 +96,9 @@ async fn count_short(
         let mut good = 0;
         for (i, generation, dir) in &dirs {
             let path = dir.join(dfs::store::shard_path(&chunk));
-            let Ok(meta) = std::fs::metadata(&path) else { continue };
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
             let stamp = (*i, *generation, *id, meta.len(), meta.modified().ok());
             let ok = match cache.get(&stamp) {
                 Some(ok) => *ok,
@@ -123,8 +128,8 @@ async fn verify(keys: &Keys, path: &std::path::Path, id: ChunkId) -> bool {
     .unwrap_or(false)
 }
 
-fn report(short: &[([u8; 20], String, usize, Vec<String>)], r: usize, violations: &Violations) {
-    let mut by_key: BTreeMap<&str, Vec<&([u8; 20], String, usize, Vec<String>)>> = BTreeMap::new();
+fn report(short: &[Short], r: usize, violations: &Violations) {
+    let mut by_key: BTreeMap<&str, Vec<&Short>> = BTreeMap::new();
     for s in short {
         by_key.entry(s.1.as_str()).or_default().push(s);
     }
