@@ -142,6 +142,20 @@ pub struct ReadDetail {
     pub protocol: Option<String>,
 }
 
+/// What the harness saw around an acknowledged upload: the gateway's view
+/// of its members just before and just after, and on how many nodes' disks
+/// each chunk was at the moment of the acknowledgement.
+#[derive(Debug, Clone, Default)]
+pub struct AckCheck {
+    /// Ids the gateway reported as itself or up (None: it did not answer).
+    pub up_before: Option<Vec<String>>,
+    pub up_after: Option<Vec<String>>,
+    /// Per chunk, in file order: data directories holding a file for it.
+    pub copies: Vec<u8>,
+    /// When the directories were looked at.
+    pub checked_ms: u64,
+}
+
 /// One completed operation.
 #[derive(Debug, Clone)]
 pub struct Event {
@@ -155,6 +169,7 @@ pub struct Event {
     pub list: Option<Vec<Seen>>,
     /// The version an acknowledged upload or delete was given.
     pub version: Option<Ver>,
+    pub ack: Option<AckCheck>,
 }
 
 impl Event {
@@ -169,6 +184,7 @@ impl Event {
             stat: None,
             list: None,
             version: None,
+            ack: None,
         }
     }
 
@@ -197,6 +213,12 @@ impl Event {
         }
         if let Some(l) = &self.list {
             v["listed"] = json!(l.iter().map(seen_json).collect::<Vec<_>>());
+        }
+        if let Some(a) = &self.ack {
+            v["ack_check"] = json!({
+                "up_before": a.up_before, "up_after": a.up_after,
+                "copies": a.copies, "checked_ms": a.checked_ms,
+            });
         }
         if let Some(ver) = &self.version {
             v["version"] = json!({"hlc": ver.hlc, "node": ver.node});

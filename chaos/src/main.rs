@@ -89,6 +89,24 @@ struct Args {
     /// First three octets of the node addresses (node i is <net>.<i+1>)
     #[arg(long, default_value = "127.77.0")]
     net: String,
+    /// Print the schedule of faults (and the plan's fingerprint) and exit
+    #[arg(long)]
+    plan_only: bool,
+    /// Every node's --dead-after
+    #[arg(long, default_value = "3s", value_parser = dfs::units::parse_duration)]
+    dead_after: Duration,
+    /// Every node's --sync-interval
+    #[arg(long, default_value = "2s", value_parser = dfs::units::parse_duration)]
+    sync_interval: Duration,
+    /// Every node's --repair-interval
+    #[arg(long, default_value = "2s", value_parser = dfs::units::parse_duration)]
+    repair_interval: Duration,
+    /// Every node's --gc-grace (paused uploads pause longer than this)
+    #[arg(long, default_value = "6s", value_parser = dfs::units::parse_duration)]
+    gc_grace: Duration,
+    /// Every node's --gc-interval
+    #[arg(long, default_value = "1s", value_parser = dfs::units::parse_duration)]
+    gc_interval: Duration,
 }
 
 fn main() -> ExitCode {
@@ -103,6 +121,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.plan_only {
+        let plan = plan::Plan::generate(&cfg);
+        println!("chaos: plan {}: {} operations", plan.digest(), plan.ops.len());
+        for f in &plan.faults {
+            println!("{}", plan::fault_json(f));
+        }
+        return ExitCode::SUCCESS;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -253,7 +279,14 @@ fn config_from(args: &Args, seed: u64) -> Result<Config, String> {
         ops: parse_kinds(&args.ops, OP_KINDS)?,
         chunk_size: 64 << 10,
         max_size: args.max_size,
-        timers: Timers::default(),
+        timers: Timers {
+            dead_after: args.dead_after,
+            sync_interval: args.sync_interval,
+            repair_interval: args.repair_interval,
+            gc_grace: args.gc_grace,
+            gc_interval: args.gc_interval,
+            ..Timers::default()
+        },
         max_skew: args.max_skew,
         max_down: args
             .max_down
@@ -272,8 +305,10 @@ fn config_from(args: &Args, seed: u64) -> Result<Config, String> {
 }
 
 fn replay_command(cfg: &Config) -> String {
+    let t = &cfg.timers;
+    let ms = |d: Duration| format!("{}ms", d.as_millis());
     format!(
-        "dfs-chaos --seed {} --duration {}s --nodes {} --replicas {} --clients {} --faults {} --ops {} --max-size {} --max-skew {}ms --max-down {} --destroy-gap {}s",
+        "dfs-chaos --seed {} --duration {}s --nodes {} --replicas {} --clients {} --faults {} --ops {} --max-size {} --max-skew {}ms --max-down {} --destroy-gap {}s --dead-after {} --sync-interval {} --repair-interval {} --gc-grace {} --gc-interval {}",
         cfg.seed,
         cfg.duration.as_secs(),
         cfg.nodes,
@@ -289,6 +324,11 @@ fn replay_command(cfg: &Config) -> String {
         cfg.max_skew.as_millis(),
         cfg.max_down,
         cfg.destroy_gap.as_secs(),
+        ms(t.dead_after),
+        ms(t.sync_interval),
+        ms(t.repair_interval),
+        ms(t.gc_grace),
+        ms(t.gc_interval),
     )
 }
 

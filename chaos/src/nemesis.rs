@@ -65,6 +65,10 @@ pub struct Nemesis {
     partitions: Mutex<HashMap<u64, Partition>>,
     /// Copies the harness corrupted: (node, generation, chunk id).
     flipped: Mutex<HashSet<(usize, u32, [u8; 20])>>,
+    /// Held by the process fault acting on each node: a fault that overran
+    /// its plan (waiting for a safe moment to destroy data) makes the next
+    /// one on that node give way instead of interleaving with it.
+    node_locks: Vec<Arc<tokio::sync::Mutex<()>>>,
     run_start_ms: u64,
 }
 
@@ -93,6 +97,9 @@ impl Nemesis {
             log: Mutex::new(Vec::new()),
             partitions: Mutex::new(HashMap::new()),
             flipped: Mutex::new(HashSet::new()),
+            node_locks: (0..cfg.nodes)
+                .map(|_| Arc::new(tokio::sync::Mutex::new(())))
+                .collect(),
             run_start_ms,
         }
     }
@@ -113,13 +120,23 @@ impl Nemesis {
     async fn apply(&self, f: PlannedFault) {
         let start_ms = now_ms();
         let node = f.kind.node();
-        let result = match self.caps.missing_for_fault(f.kind.name()) {
-            Some(reason) => Err(format!("skipped: {reason}")),
-            None => {
+        let lock = match node {
+            Some(n) if !matches!(f.kind, FaultKind::Flip { .. }) => {
+                Some(self.node_locks[n].clone().try_lock_owned())
+            }
+            _ => None,
+        };
+        let result = match (self.caps.missing_for_fault(f.kind.name()), &lock) {
+            (Some(reason), _) => Err(format!("skipped: {reason}")),
+            (None, Some(Err(_))) => {
+                Err("skipped: the node is still under an earlier fault that overran".into())
+            }
+            (None, _) => {
                 self.say(&f, "starts");
                 self.execute(&f).await
             }
         };
+        drop(lock);
         let (executed, note) = match result {
             Ok(note) => (true, note),
             Err(note) => (false, note),
@@ -190,6 +207,11 @@ impl Nemesis {
     }
 
     async fn start(&self, node: usize, why: &str) -> FaultResult {
+        if self.procs.slot(node).child.is_some() {
+            return Ok(format!(
+                "{why}: already running (restarted after an unexpected exit)"
+            ));
+        }
         match self.procs.start(node, why).await {
             Ok(()) => Ok(why.to_owned()),
             Err(e) => {

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use crate::{
     caps::Caps,
-    check::{self, Violations, final_state, model, reads, replicas},
+    check::{self, Violations, acks, final_state, model, reads, replicas},
     config::Config,
     history::{Event, History, now_ms},
     nemesis::{FaultRecord, Nemesis},
@@ -57,9 +57,8 @@ impl Run {
         let end = start + self.cfg.duration;
         let workload = Arc::new(Workload::new(
             &self.cfg,
-            self.addrs(),
+            self.procs.clone(),
             history.clone(),
-            self.procs.key_file(),
         )?);
         let nemesis = Arc::new(Nemesis::new(
             &self.cfg,
@@ -274,6 +273,12 @@ impl Run {
             violations: &self.violations,
         };
         reads::check_history(events, &ctx);
+        acks::check(
+            events,
+            faults,
+            self.cfg.effective_replicas(),
+            &self.violations,
+        );
         write_stats(&self.run_dir, events)?;
         Ok(())
     }

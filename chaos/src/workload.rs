@@ -9,9 +9,9 @@ use std::{
 
 use bytes::Bytes;
 use dfs::proto::{
-    DeleteRequest, DownloadRequest, ListRequest, StatRequest, UploadHeader, UploadRequest,
-    download_request, download_response, stat_request, storage_client::StorageClient,
-    upload_request,
+    DeleteRequest, DownloadRequest, ListRequest, StatRequest, StatusRequest, UploadHeader,
+    UploadRequest, cluster_client::ClusterClient, download_request, download_response,
+    stat_request, storage_client::StorageClient, upload_request,
 };
 use sha1::{Digest, Sha1};
 use tokio::{
@@ -24,8 +24,9 @@ use tonic::{Status, transport::Channel};
 use crate::{
     config::Config,
     conn,
-    history::{Event, History, Outcome, PutDetail, ReadDetail, Seen, Ver, now_ms},
+    history::{AckCheck, Event, History, Outcome, PutDetail, ReadDetail, Seen, Ver, now_ms},
     plan::{OpKind, PlannedOp},
+    procs::Procs,
     rng::DataGen,
 };
 
@@ -36,6 +37,7 @@ const MAX_DECODE: usize = 8 << 20;
 pub struct Workload {
     cfg: Config,
     addrs: Vec<String>,
+    procs: Arc<Procs>,
     history: Arc<History>,
     keys: dfs::crypto::Keys,
     /// Last acknowledged size per key, to draw ranged reads against.
@@ -46,16 +48,13 @@ pub struct Workload {
 }
 
 impl Workload {
-    pub fn new(
-        cfg: &Config,
-        addrs: Vec<String>,
-        history: Arc<History>,
-        key_file: &std::path::Path,
-    ) -> anyhow::Result<Self> {
-        let secret = dfs::crypto::ClusterSecret::read_file(key_file)?;
+    pub fn new(cfg: &Config, procs: Arc<Procs>, history: Arc<History>) -> anyhow::Result<Self> {
+        let secret = dfs::crypto::ClusterSecret::read_file(procs.key_file())?;
+        let addrs = (0..cfg.nodes).map(|i| procs.grpc_addr(i)).collect();
         Ok(Self {
             cfg: cfg.clone(),
             addrs,
+            procs,
             history,
             keys: dfs::crypto::Keys::derive(&secret),
             sizes: Mutex::new(HashMap::new()),
@@ -93,17 +92,24 @@ impl Workload {
     async fn execute(&self, channels: &mut [Option<Channel>], op: &PlannedOp) -> Event {
         let mut ev = Event::new(op, now_ms());
         match &op.kind {
-            OpKind::Put { size } => self.put(op, *size, None, None, &mut ev).await,
+            OpKind::Put { size } => self.put(channels, op, *size, None, None, &mut ev).await,
             OpKind::PausedPut {
                 size,
                 pause_after,
                 pause_ms,
             } => {
-                self.put(op, *size, Some((*pause_after, *pause_ms)), None, &mut ev)
-                    .await
+                self.put(
+                    channels,
+                    op,
+                    *size,
+                    Some((*pause_after, *pause_ms)),
+                    None,
+                    &mut ev,
+                )
+                .await
             }
             OpKind::CancelledPut { size, cancel_after } => {
-                self.put(op, *size, None, Some(*cancel_after), &mut ev)
+                self.put(channels, op, *size, None, Some(*cancel_after), &mut ev)
                     .await
             }
             other => match self.storage(channels, op.node) {
@@ -241,15 +247,58 @@ impl Workload {
         }
     }
 
+    /// The ids the gateway reports as itself or up, sorted.
+    async fn gateway_up(
+        &self,
+        channels: &mut [Option<Channel>],
+        node: usize,
+    ) -> Option<Vec<String>> {
+        self.storage(channels, node).ok()?;
+        let channel = channels[node].clone()?;
+        let mut client = ClusterClient::new(channel);
+        let call = client.status(StatusRequest {});
+        let status = tokio::time::timeout(Duration::from_secs(2), call)
+            .await
+            .ok()?
+            .ok()?
+            .into_inner();
+        let mut up: Vec<String> = status
+            .members
+            .into_iter()
+            .filter(|m| m.state == "up" || m.state == "self")
+            .map(|m| m.node_id)
+            .collect();
+        up.sort();
+        Some(up)
+    }
+
+    /// On how many nodes' disks each chunk is now.
+    fn copies(&self, chunks: &[[u8; 20]]) -> Vec<u8> {
+        let dirs: Vec<std::path::PathBuf> = (0..self.procs.slots.len())
+            .map(|i| self.procs.slot(i).data_dir().join("chunks"))
+            .collect();
+        chunks
+            .iter()
+            .map(|c| {
+                let rel = dfs::store::shard_path(&dfs::crypto::ChunkId(*c));
+                dirs.iter().filter(|d| d.join(&rel).exists()).count() as u8
+            })
+            .collect()
+    }
+
     /// One upload on a connection of its own; see [`conn`] for why.
+    #[allow(clippy::too_many_arguments)]
     async fn put(
         &self,
+        channels: &mut [Option<Channel>],
         op: &PlannedOp,
         size: u64,
         pause: Option<(u64, u64)>,
         cancel_after: Option<u64>,
         ev: &mut Event,
     ) {
+        let up_before = self.gateway_up(channels, op.node).await;
+        ev.invoke_ms = now_ms();
         let mut detail = self.describe(op.id, size);
         self.inflight_set(op.id, Some(detail.chunks.clone()));
         let limit = self.cfg.op_timeout + Duration::from_millis(pause.map_or(0, |p| p.1));
@@ -297,6 +346,14 @@ impl Workload {
         (detail.sent, detail.sent_all) = (sent, sent_all);
         ev.outcome = match ended {
             Ended::Reply(Ok(resp)) => {
+                let copies = self.copies(&detail.chunks);
+                let checked_ms = now_ms();
+                ev.ack = Some(AckCheck {
+                    up_before,
+                    up_after: self.gateway_up(channels, op.node).await,
+                    copies,
+                    checked_ms,
+                });
                 let info = resp.object.unwrap_or_default();
                 ev.version = Ver::from_proto(info.version.as_ref());
                 ev.stat = Some(Seen::from_info(&info));

@@ -6,10 +6,12 @@
 //!    mixed or foreign bytes;
 //! 3. acknowledged deletes stay deleted (no resurrection);
 //! 4. all nodes converge to the same listing;
-//! 5. every chunk of every live object has R verified copies on distinct nodes;
+//! 5. every chunk of every live object has R verified copies on distinct nodes
+//!    after healing, and was on W nodes' disks when its upload was acknowledged;
 //! 6. no node exits unless the harness made it, and memory stays bounded;
 //! 7. the documented behaviour of reads during faults holds.
 
+pub mod acks;
 pub mod final_state;
 pub mod model;
 pub mod reads;
