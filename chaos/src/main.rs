@@ -123,7 +123,11 @@ fn main() -> ExitCode {
     };
     if args.plan_only {
         let plan = plan::Plan::generate(&cfg);
-        println!("chaos: plan {}: {} operations", plan.digest(), plan.ops.len());
+        println!(
+            "chaos: plan {}: {} operations",
+            plan.digest(),
+            plan.ops.len()
+        );
         for f in &plan.faults {
             println!("{}", plan::fault_json(f));
         }

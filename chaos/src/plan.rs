@@ -280,9 +280,15 @@ fn generate_faults(cfg: &Config, rng: &mut Rng) -> Vec<PlannedFault> {
             FaultKind::Flip { .. } => {}
             other => {
                 let n = other.node().expect("process faults have a node");
-                // A restarted node needs a moment before its next fault.
-                node_free[n] = t + dur + 1_500;
-                busy.push((t, t + dur + 1_500));
+                // A restarted node needs a moment before its next fault;
+                // faults that restart it gracefully twice need more (each
+                // SIGTERM may wait out in-flight calls).
+                let settle = match other {
+                    FaultKind::Skew { .. } | FaultKind::Full { .. } => 8_000,
+                    _ => 1_500,
+                };
+                node_free[n] = t + dur + settle;
+                busy.push((t, t + dur + settle));
             }
         }
         faults.push(PlannedFault {
