@@ -9,6 +9,10 @@ use crate::{
 
 /// Mean time between two operations of one client, in milliseconds.
 const MEAN_THINK_MS: u64 = 400;
+/// Keys of its own a client cycles through: bounds the live data (and the
+/// final read of every object through every node) in long runs; in short
+/// ones every upload of this kind gets a new key.
+const OWN_KEYS_PER_CLIENT: usize = 48;
 
 /// Relative frequency of each operation kind (see `config::OP_KINDS`).
 fn op_weight(kind: &str) -> u64 {
@@ -35,7 +39,11 @@ pub fn generate_ops(cfg: &Config, rng: &mut Rng) -> Vec<PlannedOp> {
         .collect();
     let end = cfg.duration.as_millis() as u64;
     let mut next_at: Vec<u64> = (0..cfg.clients).map(|_| rng.range(200, 800)).collect();
-    let mut fresh: Vec<String> = Vec::new();
+    let mut fresh = OwnKeys {
+        names: Vec::new(),
+        mine: vec![Vec::new(); cfg.clients],
+        next: vec![0; cfg.clients],
+    };
     let mut ops = Vec::new();
     loop {
         let (client, at) = next_at
@@ -65,23 +73,41 @@ pub fn generate_ops(cfg: &Config, rng: &mut Rng) -> Vec<PlannedOp> {
     ops
 }
 
-/// A key for an upload: a hot key, or a new key of this client's own.
-fn upload_key(rng: &mut Rng, client: usize, fresh: &mut Vec<String>) -> String {
+/// The clients' own keys planned so far.
+struct OwnKeys {
+    /// Every distinct own key uploaded before, in order of first use.
+    names: Vec<String>,
+    /// Per client, its own keys in order of first use.
+    mine: Vec<Vec<String>>,
+    /// Per client, how many own-key uploads it planned.
+    next: Vec<usize>,
+}
+
+/// A key for an upload: a hot key, or a key of this client's own: a new one
+/// (numbered across all clients) until it has `OWN_KEYS_PER_CLIENT`, then
+/// its old ones again in turn.
+fn upload_key(rng: &mut Rng, client: usize, fresh: &mut OwnKeys) -> String {
     if rng.chance(0.45) {
-        hot_key(rng.below(hot_key_count()))
-    } else {
-        let key = format!("f/c{client}/{}", fresh.len());
-        fresh.push(key.clone());
-        key
+        return hot_key(rng.below(hot_key_count()));
     }
+    let n = fresh.next[client];
+    fresh.next[client] += 1;
+    if n >= OWN_KEYS_PER_CLIENT {
+        return fresh.mine[client][n % OWN_KEYS_PER_CLIENT].clone();
+    }
+    let key = format!("f/c{client}/{}", fresh.names.len());
+    fresh.names.push(key.clone());
+    fresh.mine[client].push(key.clone());
+    key
 }
 
 /// A key to read or delete: a hot key or any key uploaded before.
-fn existing_key(rng: &mut Rng, fresh: &[String]) -> String {
-    if fresh.is_empty() || rng.chance(0.5) {
+fn existing_key(rng: &mut Rng, fresh: &OwnKeys) -> String {
+    let names = &fresh.names;
+    if names.is_empty() || rng.chance(0.5) {
         hot_key(rng.below(hot_key_count()))
     } else {
-        fresh[rng.below(fresh.len() as u64) as usize].clone()
+        names[rng.below(names.len() as u64) as usize].clone()
     }
 }
 
@@ -90,7 +116,7 @@ fn draw_op(
     rng: &mut Rng,
     kind: &str,
     client: usize,
-    fresh: &mut Vec<String>,
+    fresh: &mut OwnKeys,
 ) -> (String, OpKind) {
     let chunk = cfg.chunk_size;
     match kind {
@@ -188,5 +214,25 @@ mod tests {
         for kind in crate::config::OP_KINDS {
             assert!(ops.iter().any(|o| o.kind.name() == *kind), "no {kind} op");
         }
+    }
+}
+
+#[cfg(test)]
+mod long_run_tests {
+    use super::*;
+
+    #[test]
+    fn long_runs_cycle_through_a_bounded_set_of_keys() {
+        let mut cfg = crate::plan::tests_support::config(9);
+        cfg.duration = std::time::Duration::from_secs(1800);
+        let ops = generate_ops(&cfg, &mut Rng::new(9));
+        let keys: std::collections::HashSet<&str> = ops.iter().map(|o| o.key.as_str()).collect();
+        assert!(ops.len() > 10_000);
+        // Own keys, hot keys, and the list prefixes.
+        assert!(
+            keys.len() <= cfg.clients * OWN_KEYS_PER_CLIENT + 4 + cfg.clients + 2,
+            "{} keys",
+            keys.len()
+        );
     }
 }
