@@ -227,6 +227,42 @@ pub fn hot_key_count() -> u64 {
     HOT_KEYS
 }
 
+/// What the faults drawn so far occupy.
+#[derive(Default)]
+struct Occupancy {
+    /// Per node: when it is free for its next process fault.
+    node_free: Vec<u64>,
+    /// Intervals of process faults (with their settle time), any node.
+    busy: Vec<(u64, u64)>,
+    partition_free: u64,
+    last_destroy: Option<u64>,
+}
+
+impl Occupancy {
+    /// Books `kind` from `t` for `dur` ms.
+    fn reserve(&mut self, kind: &FaultKind, t: u64, dur: u64) {
+        if kind.destroys_data() {
+            self.last_destroy = Some(t);
+        }
+        match kind {
+            FaultKind::Partition(_) => self.partition_free = t + dur + 500,
+            FaultKind::Flip { .. } => {}
+            other => {
+                let n = other.node().expect("process faults have a node");
+                // A restarted node needs a moment before its next fault;
+                // faults that restart it gracefully twice need more (each
+                // SIGTERM may wait out in-flight calls).
+                let settle = match other {
+                    FaultKind::Skew { .. } | FaultKind::Full { .. } => 8_000,
+                    _ => 1_500,
+                };
+                self.node_free[n] = t + dur + settle;
+                self.busy.push((t, t + dur + settle));
+            }
+        }
+    }
+}
+
 /// Draws the faults: a fault every few seconds, several overlapping, each
 /// on a target that is free (one process fault per node, at most
 /// `max_down` at once, one partition at a time, destroying faults spaced by
@@ -243,10 +279,11 @@ fn generate_faults(cfg: &Config, rng: &mut Rng) -> Vec<PlannedFault> {
         })
         .collect();
     let end = cfg.duration.as_millis() as u64;
-    let mut busy: Vec<(u64, u64)> = Vec::new(); // process-fault intervals per node, flattened below
-    let mut node_free = vec![0u64; cfg.nodes];
-    let mut partition_free = 0u64;
-    let mut last_destroy: Option<u64> = None;
+    let gap = cfg.destroy_gap.as_millis() as u64;
+    let mut occ = Occupancy {
+        node_free: vec![0; cfg.nodes],
+        ..Default::default()
+    };
     let mut faults = Vec::new();
     let mut t = WARMUP_MS;
     let mean_gap = 2_500u64;
@@ -256,41 +293,20 @@ fn generate_faults(cfg: &Config, rng: &mut Rng) -> Vec<PlannedFault> {
         if t + 1_000 >= end || weights.iter().all(|w| *w == 0) {
             break;
         }
-        let dur = dur.min(end - 500 - t);
-        let gap = cfg.destroy_gap.as_millis() as u64;
-        let destroy_ok = last_destroy.is_none_or(|d| t >= d + gap);
+        let destroy_ok = occ.last_destroy.is_none_or(|d| t >= d + gap);
         // A few draws, so a busy target or a too-early destroying fault
         // gives way to another kind instead of leaving a hole.
         let drawn = (0..4).find_map(|_| {
             let k = rng.weighted(&weights)?;
-            draw_fault(cfg, rng, kinds[k], t, &node_free, &busy, partition_free)
+            draw_fault(cfg, rng, kinds[k], t, &occ)
                 .filter(|kind| destroy_ok || !kind.destroys_data())
         });
         let Some(kind) = drawn else { continue };
-        if kind.destroys_data() {
-            last_destroy = Some(t);
-        }
-        let dur = if matches!(kind, FaultKind::Flip { .. }) {
-            0
-        } else {
-            dur
+        let dur = match kind {
+            FaultKind::Flip { .. } => 0,
+            _ => dur.min(end - 500 - t),
         };
-        match &kind {
-            FaultKind::Partition(_) => partition_free = t + dur + 500,
-            FaultKind::Flip { .. } => {}
-            other => {
-                let n = other.node().expect("process faults have a node");
-                // A restarted node needs a moment before its next fault;
-                // faults that restart it gracefully twice need more (each
-                // SIGTERM may wait out in-flight calls).
-                let settle = match other {
-                    FaultKind::Skew { .. } | FaultKind::Full { .. } => 8_000,
-                    _ => 1_500,
-                };
-                node_free[n] = t + dur + settle;
-                busy.push((t, t + dur + settle));
-            }
-        }
+        occ.reserve(&kind, t, dur);
         faults.push(PlannedFault {
             id: faults.len() as u64,
             at_ms: t,
@@ -308,18 +324,16 @@ fn draw_fault(
     rng: &mut Rng,
     kind: &str,
     t: u64,
-    node_free: &[u64],
-    busy: &[(u64, u64)],
-    partition_free: u64,
+    occ: &Occupancy,
 ) -> Option<FaultKind> {
     if kind == "partition" {
-        if t < partition_free || cfg.nodes < 2 {
+        if t < occ.partition_free || cfg.nodes < 2 {
             return None;
         }
         return Some(FaultKind::Partition(draw_partition(cfg.nodes, rng)));
     }
-    let free: Vec<usize> = (0..cfg.nodes).filter(|n| node_free[*n] <= t).collect();
-    let down_now = busy.iter().filter(|(s, e)| *s <= t && t < *e).count();
+    let free: Vec<usize> = (0..cfg.nodes).filter(|n| occ.node_free[*n] <= t).collect();
+    let down_now = occ.busy.iter().filter(|(s, e)| *s <= t && t < *e).count();
     if free.is_empty() || (kind != "flip" && down_now >= cfg.max_down) {
         return None;
     }
