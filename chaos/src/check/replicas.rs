@@ -83,10 +83,13 @@ async fn count_short(
     r: usize,
     cache: &mut HashMap<FileStamp, bool>,
 ) -> Vec<Short> {
+    // Live nodes only: a node that did not come back holds no copy that counts.
     let dirs: Vec<(usize, u32, std::path::PathBuf)> = (0..procs.slots.len())
-        .map(|i| {
+        .filter_map(|i| {
             let s = procs.slot(i);
-            (i, s.generation, s.data_dir().join("chunks"))
+            s.child
+                .is_some()
+                .then(|| (i, s.generation, s.data_dir().join("chunks")))
         })
         .collect();
     let mut short = Vec::new();
