@@ -342,7 +342,15 @@ impl Nemesis {
             let slot = self.procs.slot(node);
             (slot.data_dir().join("chunks"), slot.generation)
         };
-        let files = chunk_files(&dir);
+        // Prefer copies some object needs: flipping garbage tests nothing.
+        let needed = self.needed_chunks();
+        let all = chunk_files(&dir);
+        let wanted: Vec<std::path::PathBuf> = all
+            .iter()
+            .filter(|p| chunk_id_of(p).is_some_and(|id| needed.contains_key(&id)))
+            .cloned()
+            .collect();
+        let files = if wanted.is_empty() { all } else { wanted };
         if files.is_empty() {
             return Err("skipped: no chunk files on that node yet".into());
         }
