@@ -18,7 +18,7 @@ run() {
 	shift
 	echo "chaos-$profile: $name: dfs-chaos $*"
 	if ! "$bin" --dfs-bin "$dfs" --out "$out" --run-name "$name" "$@"; then
-		failed+=("$name: $bin --dfs-bin $dfs $* (history, logs and data in $out/$name)")
+		failed+=("$name: $bin --dfs-bin $dfs $* (its run directory is named above)")
 	fi
 }
 

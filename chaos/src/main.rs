@@ -164,7 +164,27 @@ async fn run_main(cfg: Config, run_name: Option<String>) -> ExitCode {
         eprintln!("chaos: cannot create {}: {e}", run_dir.display());
         return ExitCode::from(2);
     }
-    let run_dir = fs::canonicalize(&run_dir).unwrap_or(run_dir);
+    let mut run_dir = fs::canonicalize(&run_dir).unwrap_or(run_dir);
+    if caps.root && !reachable_by_others(&run_dir) {
+        // Nodes run as their own uids: they must be able to walk to their
+        // data directories (a checkout under /root is not).
+        let name = run_dir
+            .file_name()
+            .map(|n| n.to_owned())
+            .unwrap_or_default();
+        let elsewhere = PathBuf::from("/tmp/dfs-chaos-runs").join(name);
+        println!(
+            "chaos: {} is not reachable by other uids; using {} instead",
+            run_dir.display(),
+            elsewhere.display()
+        );
+        let _ = fs::remove_dir(&run_dir);
+        if let Err(e) = fs::create_dir_all(&elsewhere) {
+            eprintln!("chaos: cannot create {}: {e}", elsewhere.display());
+            return ExitCode::from(2);
+        }
+        run_dir = elsewhere;
+    }
     println!("chaos: run directory {}", run_dir.display());
     println!("chaos: replay with: {}", replay_command(&cfg));
     let violations = Arc::new(check::Violations::default());
@@ -345,6 +365,14 @@ fn random_seed() -> u64 {
         return history::now_ms();
     }
     u64::from_le_bytes(b) % 1_000_000_000
+}
+
+/// Whether every directory above `dir` lets other users through (o+x).
+fn reachable_by_others(dir: &std::path::Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    dir.ancestors()
+        .skip(1)
+        .all(|d| fs::metadata(d).is_ok_and(|m| m.permissions().mode() & 0o001 != 0))
 }
 
 /// One run at a time per machine: runs share the addresses, ports, uids
