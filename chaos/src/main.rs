@@ -406,3 +406,24 @@ async fn interrupted() {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_directory_under_a_private_one_is_not_reachable() {
+        let root = std::env::temp_dir().join(format!("dfs-chaos-reach-{}", std::process::id()));
+        let private = root.join("private");
+        let inside = private.join("run");
+        fs::create_dir_all(&inside).unwrap();
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(&private, fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(reachable_by_others(&private));
+        assert!(!reachable_by_others(&inside));
+        fs::set_permissions(&private, fs::Permissions::from_mode(0o711)).unwrap();
+        assert!(reachable_by_others(&inside));
+        fs::remove_dir_all(&root).unwrap();
+    }
+}
