@@ -2,7 +2,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all build demo test test-rust lint bench bench-small deploy-check chaos chaos-deps chaos-check chaos-short chaos-regress
+.PHONY: all build demo test test-deps test-rust lint bench bench-small deploy-check chaos chaos-deps chaos-check chaos-short chaos-regress
 all: build
 
 build:
@@ -17,7 +17,26 @@ demo:
 ## tests, the fault harness's short profile, then the Go/Python/TypeScript/
 ## grpcurl client suites against a live node, and a check that regenerating
 ## the clients changes nothing.
-test: lint test-rust chaos-check chaos-regress deploy-check clients-test clients-check-drift
+test: test-deps lint test-rust chaos-check chaos-regress deploy-check clients-test clients-check-drift
+
+## Debian tools the tests use: strace (crash consistency traces real nodes'
+## syscalls), faketime (a node whose clock runs ahead), iptables (the fault
+## harness's partitions). Installed with apt-get when missing and we are
+## root (CI is); otherwise the tests that need them say so and fail.
+TEST_DEBS := strace faketime iptables
+test-deps:
+	@missing=""; \
+	command -v strace >/dev/null || missing="$$missing strace"; \
+	[ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] || [ -e /usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1 ] || missing="$$missing faketime"; \
+	command -v iptables >/dev/null || missing="$$missing iptables"; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "test-deps: installing$$missing from Debian"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+		else \
+			echo "test-deps: missing$$missing (apt-get install$$missing); the tests that need them will fail"; \
+		fi; \
+	fi
 
 test-rust:
 	$(CARGO) test --all-targets
@@ -70,12 +89,7 @@ NODES ?= 5
 R ?= 3
 CHAOS_ARGS ?=
 
-chaos-deps:
-	@if ! command -v iptables >/dev/null || [ ! -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ]; then \
-		echo "chaos: installing iptables and faketime from Debian"; \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables faketime >/dev/null) \
-		|| echo "chaos: could not install iptables/faketime: partitions and clock skew will be skipped"; \
-	fi
+chaos-deps: test-deps
 
 chaos: chaos-deps
 	$(CARGO) build --release -p dfs -p dfs-chaos
