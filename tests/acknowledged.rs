@@ -36,7 +36,7 @@ async fn paused_upload_is_whole(c: &TestCluster, gateway: usize) {
     // collection proves the collector ran during the pause.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let data = pseudo_random(778, 16 * CHUNK + 100);
-    let upload = OpenUpload::start(&c.nodes[gateway], "paused").await;
+    let upload = SlowUpload::start(&c.nodes[gateway], "paused").await;
     assert!(upload.send(&data[..8 * CHUNK]).await);
     let paused = Instant::now();
     let collected = wait_until(Duration::from_secs(30), || {
@@ -81,7 +81,7 @@ async fn a_paused_upload_keeps_its_chunks_on_every_holder() {
 /// up on them, so it is alone.
 async fn isolate_first(c: &TestCluster) {
     for node in &c.nodes[1..] {
-        signal(node, libc::SIGSTOP);
+        node.signal(libc::SIGSTOP);
     }
     let alone = wait_until_async(Duration::from_secs(20), || async {
         c.nodes[0]
@@ -128,7 +128,7 @@ async fn a_delete_on_an_isolated_node_fails_and_the_object_stays() {
         "a delete below the write rule must fail UNAVAILABLE: {result:?}"
     );
     for node in &c.nodes[1..] {
-        signal(node, libc::SIGCONT);
+        node.signal(libc::SIGCONT);
     }
     c.wait_members_up(3).await;
     // Index sync had its chance: a full pull runs on every recovery.
@@ -195,7 +195,7 @@ async fn a_node_whose_clock_runs_an_hour_ahead_cannot_delete_an_acknowledged_obj
 async fn a_holder_replaced_during_a_paused_upload_has_its_chunks_written_again() {
     let (mut c, _addrs) = TestCluster::start_fixed(3, 2, FAST_GC).await;
     let data = pseudo_random(782, 24 * CHUNK + 9);
-    let upload = OpenUpload::start(&c.nodes[0], "survivor").await;
+    let upload = SlowUpload::start(&c.nodes[0], "survivor").await;
     assert!(upload.send(&data[..16 * CHUNK]).await);
     // The first 15 chunks are written (the 16th may wait for more data).
     let written = wait_until(Duration::from_secs(20), || {

@@ -178,8 +178,7 @@ async fn get_of_an_unknown_key_fails_cleanly_and_writes_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn get_of_a_corrupt_object_leaves_no_partial_file() {
     let mut node = TestNode::new(&[]);
-    let key_file = write_key_file(&node.root().join("cluster.key"), 401);
-    node.add_args(&["--cluster-key-file", key_file.to_str().unwrap()]);
+    let key_file = node.use_key_file(401);
     node.launch().await;
     let mut storage = node.storage().await;
     let data = pseudo_random(401, 6 * CHUNK);
@@ -187,9 +186,7 @@ async fn get_of_a_corrupt_object_leaves_no_partial_file() {
     // Damage the last chunk, so five good chunks stream out (and are
     // written to the partial file) before the failure.
     let last = chunk_path(&node.data_dir(), &chunk_ids(&key_file, &data)[5]);
-    let mut bytes = fs::read(&last).unwrap();
-    bytes[100] ^= 0xff;
-    fs::write(&last, bytes).unwrap();
+    damage_file(&last, None, Damage::FlipByte);
     let work = tempfile::tempdir().unwrap();
     let out = work.path().join("bad.bin");
     let get = run_dfs(&[
@@ -241,9 +238,7 @@ async fn client_commands_fail_with_one_line_errors() {
 #[tokio::test(flavor = "multi_thread")]
 async fn cli_sends_the_token_from_a_token_file() {
     let mut node = TestNode::new(&[]);
-    let token_file = node.root().join("token");
-    fs::write(&token_file, "tok-123\n").unwrap();
-    node.add_args(&["--auth-token-file", token_file.to_str().unwrap()]);
+    let token_file = node.use_token("tok-123");
     node.launch().await;
     let ls = run_dfs(&["ls", "--node", node.addr()]).await;
     let err = assert_one_line_failure(&ls, "ls without a token");
@@ -294,13 +289,9 @@ async fn node_rejects_bad_flag_values_with_a_clear_message() {
         (&["--capacity", "lots"], "lots"),
     ];
     for (flags, needle) in cases {
-        let mut args = vec!["node", "--data", data, "--grpc-addr", "127.0.0.1:0"];
+        let mut args = vec!["--data", data];
         args.extend_from_slice(flags);
-        let out = tokio::time::timeout(std::time::Duration::from_secs(20), run_dfs(&args))
-            .await
-            .unwrap_or_else(|_| panic!("dfs node {flags:?} did not exit"));
-        assert!(!out.status.success(), "dfs node {flags:?} started");
-        let err = stderr(&out);
+        let err = refuse_to_start(&args).await;
         assert!(
             err.contains(needle),
             "dfs node {flags:?}: message does not mention {needle:?}: {err}"
@@ -308,22 +299,17 @@ async fn node_rejects_bad_flag_values_with_a_clear_message() {
     }
     // A missing key file is reported, not replaced by a new key.
     let missing = work.path().join("no-such.key");
-    let out = tokio::time::timeout(
-        std::time::Duration::from_secs(20),
-        run_dfs(&[
-            "node",
-            "--data",
-            data,
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--cluster-key-file",
-            missing.to_str().unwrap(),
-        ]),
-    )
-    .await
-    .expect("dfs node with a missing key file did not exit");
-    assert!(!out.status.success());
-    assert!(stderr(&out).contains("no-such.key"), "{}", stderr(&out));
+    let err = refuse_to_start(&[
+        "--data",
+        data,
+        "--cluster-key-file",
+        missing.to_str().unwrap(),
+    ])
+    .await;
+    assert!(err.contains("no-such.key"), "{err}");
+    // W cannot exceed R.
+    let err = refuse_to_start(&["--data", data, "--replicas", "2", "--write-quorum", "3"]).await;
+    assert!(err.contains("--write-quorum"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -357,4 +343,90 @@ async fn get_into_a_fifo_writes_through_it_and_leaves_it_a_fifo() {
     assert!(fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
     assert!(reader.join().unwrap() == data, "bytes through the fifo");
     assert_eq!(entries(work.path()).len(), 1, "no partial file left behind");
+}
+
+/// `dfs get` re-checks the whole-file SHA-1 of what it received. A node
+/// verifies every chunk but not the whole file, so the check can only fire
+/// when a record lies about the file: here a peer (a client of the peer
+/// protocol holding the cluster key) pushes a newer version of a record
+/// whose chunks are right and whose SHA-1 is not.
+#[tokio::test(flavor = "multi_thread")]
+async fn get_rechecks_the_whole_file_sha1_and_keeps_no_file_on_a_mismatch() {
+    use common::peer::{peer_pool, peer_request};
+    use dfs::proto::{GetRecord, IndexUpdate, get_record, peer_message::Kind};
+    let mut node = TestNode::new(&[]);
+    let key_file = node.use_key_file(410);
+    node.launch().await;
+    let data = pseudo_random(410, 3 * CHUNK + 7);
+    upload(&mut node.storage().await, "lie", &data, CHUNK)
+        .await
+        .unwrap();
+    let pool = peer_pool(&key_file, "127.0.0.1:9");
+    let p2p = node.p2p_addr().await;
+    let reply = peer_request(
+        &pool,
+        &p2p,
+        Kind::GetRecord(GetRecord {
+            target: Some(get_record::Target::Key("lie".into())),
+        }),
+        None,
+    )
+    .await;
+    let Some(Kind::GetRecordReply(r)) = reply.msg.kind else {
+        panic!("{:?}", reply.msg);
+    };
+    let mut record = r.record.expect("the node has the record");
+    let mut wrong = record.sha1.to_vec();
+    wrong[0] ^= 0xff;
+    record.sha1 = wrong.clone().into();
+    let version = record.version.as_mut().expect("a version");
+    version.hlc += 1;
+    let reply = peer_request(
+        &pool,
+        &p2p,
+        Kind::IndexUpdate(IndexUpdate {
+            records: vec![record],
+        }),
+        None,
+    )
+    .await;
+    assert!(
+        matches!(reply.msg.kind, Some(Kind::IndexUpdateReply(ref u)) if u.applied == 1),
+        "{:?}",
+        reply.msg
+    );
+    let info = stat_key(&mut node.storage().await, "lie").await.unwrap();
+    assert_eq!(
+        info.sha1,
+        hex::encode(&wrong),
+        "the lying record is the live one"
+    );
+
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("lie.bin");
+    let get = run_dfs(&[
+        "get",
+        "lie",
+        "-o",
+        out.to_str().unwrap(),
+        "--node",
+        node.addr(),
+    ])
+    .await;
+    let err = assert_one_line_failure(&get, "get of an object whose record lies");
+    assert!(err.contains("DATA_LOSS") && err.contains("sha1"), "{err}");
+    assert!(
+        !out.exists(),
+        "a file with unverified content was left at the -o path"
+    );
+    assert!(
+        entries(work.path()).is_empty(),
+        "left: {:?}",
+        entries(work.path())
+    );
+    // To stdout the bytes are gone already; the exit status still says no.
+    let get = run_dfs(&["get", "lie", "-o", "-", "--node", node.addr()]).await;
+    let err = assert_one_line_failure(&get, "get -o - of an object whose record lies");
+    assert!(err.contains("DATA_LOSS"), "{err}");
+    assert!(get.stdout == data, "the chunks themselves verified");
 }

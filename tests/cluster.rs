@@ -6,7 +6,10 @@ mod common;
 
 use std::{collections::HashMap, time::Duration};
 
-use common::*;
+use common::{
+    cluster::{FAST, get, members_up, put},
+    *,
+};
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -136,26 +139,25 @@ async fn indexes_converge_after_a_restart_including_deletes_made_while_down() {
     c.nodes[2].launch().await;
     c.wait_members_up(3).await;
     // Node 2's own index (List answers locally) converges.
-    let mut keys = Vec::new();
-    for _ in 0..100 {
+    let listed = async || {
         let list = c.nodes[2]
             .storage()
             .await
             .list(dfs::proto::ListRequest::default())
             .await
-            .unwrap()
+            .expect("list")
             .into_inner();
-        keys = list
-            .objects
+        list.objects
             .iter()
             .map(|o| o.key.clone())
-            .collect::<Vec<_>>();
-        if keys == ["keep", "new"] {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(keys, ["keep", "new"]);
+            .collect::<Vec<_>>()
+    };
+    poll_until(
+        Duration::from_secs(30),
+        "node 2 lists exactly keep and new",
+        async || listed().await == ["keep", "new"],
+    )
+    .await;
     assert_code(
         stat_key(&mut c.nodes[2].storage().await, "gone").await,
         Code::NotFound,
@@ -177,25 +179,34 @@ async fn a_node_with_a_foreign_secret_is_refused() {
     ];
     args.extend_from_slice(FAST);
     let stranger = TestNode::start(&args).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let seen = stranger
-        .status()
-        .await
-        .members
-        .iter()
-        .filter(|m| m.state == "up")
-        .count();
-    assert_eq!(seen, 0, "the stranger joined nobody");
+    // Proof the stranger had its chance: it dialled the cluster, and both
+    // ends logged the refusal and its reason.
+    poll_until(
+        Duration::from_secs(20),
+        "the stranger dials and both ends log the refusal",
+        async || {
+            let (ours, theirs) = (c.nodes[0].log(), stranger.log());
+            ours.lines().any(|l| {
+                l.contains("refused a peer connection") && l.contains("different cluster secret")
+            }) && theirs.lines().any(|l| {
+                l.contains("peer handshake failed") && l.contains("different cluster secret")
+            })
+        },
+    )
+    .await;
+    assert_eq!(members_up(&stranger).await, 0, "the stranger joined nobody");
     assert_eq!(
-        c.nodes[0].status().await.members.len(),
-        2,
-        "the cluster did not add the stranger"
+        stranger.status().await.members.len(),
+        1,
+        "the stranger knows only itself"
     );
-    let logs = format!("{}{}", c.nodes[0].log(), stranger.log());
-    assert!(
-        logs.contains("different cluster secret"),
-        "a log line says why:\n{logs}"
-    );
+    for node in &c.nodes {
+        assert_eq!(
+            node.status().await.members.len(),
+            2,
+            "the cluster (itself and one peer) did not add the stranger"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -228,18 +239,12 @@ async fn too_few_live_owners_fail_with_unavailable_and_store_no_object() {
     c.nodes[1].kill9();
     c.nodes[2].kill9();
     // Wait until node 0 has noticed both deaths.
-    for _ in 0..100 {
-        if c.nodes[0]
-            .status()
-            .await
-            .members
-            .iter()
-            .all(|m| m.state != "up")
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    poll_until(
+        Duration::from_secs(30),
+        "node 0 sees both peers down",
+        async || members_up(&c.nodes[0]).await == 0,
+    )
+    .await;
     let data = pseudo_random(9, 3 * CHUNK);
     let result = upload(&mut c.nodes[0].storage().await, "lonely", &data, 100_000).await;
     assert_code(
@@ -276,17 +281,24 @@ async fn the_same_content_through_two_gateways_is_stored_once_per_owner() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_write_right_after_a_node_dies_succeeds_on_the_survivors() {
-    let mut c = TestCluster::start(3, 3, &["--dead-after", "30s"]).await;
+    let mut c = TestCluster::start(3, 3, &["--dead-after", "120s"]).await;
     c.nodes[2].kill9();
     // Long before dead-after, the first write to the dead node fails, it is
-    // taken as down, and W falls to a majority of R: two copies.
+    // taken as down, and W falls to a majority of R: two copies. (A quarter
+    // of dead-after leaves room for a loaded machine without letting a
+    // node that waits dead-after out pass.)
     let data = pseudo_random(11, 12 * CHUNK);
     let started = std::time::Instant::now();
     put(&c.nodes[0], "after-death", &data).await;
     assert!(
-        started.elapsed() < Duration::from_secs(10),
+        started.elapsed() < Duration::from_secs(30),
         "{:?}",
         started.elapsed()
+    );
+    assert_eq!(
+        members_up(&c.nodes[0]).await,
+        1,
+        "the dead member is down long before dead-after"
     );
     assert!(
         c.copies(&data).iter().all(|n| *n == 2),
@@ -300,24 +312,16 @@ async fn a_write_right_after_a_node_dies_succeeds_on_the_survivors() {
 async fn an_upload_longer_than_the_gc_grace_keeps_its_remote_copies() {
     let c = TestCluster::start(2, 2, &["--gc-grace", "1s", "--gc-interval", "200ms"]).await;
     let data = pseudo_random(12, 30 * CHUNK);
-    let (tx, rx) = tokio::sync::mpsc::channel(2);
-    let feed = data.clone();
-    tokio::spawn(async move {
-        let _ = tx.send(header_msg("slow")).await;
-        for piece in feed.chunks(CHUNK) {
-            // 30 chunks over ~4.5 s: the first ones age well past the grace
-            // on the peer before the object's record exists.
-            tokio::time::sleep(Duration::from_millis(150)).await;
-            if tx.send(data_msg(piece)).await.is_err() {
-                return;
-            }
-        }
-    });
-    let mut storage = c.nodes[0].storage().await;
-    storage
-        .upload(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .expect("slow upload");
+    // 30 chunks over ~4.5 s: the first ones age well past the grace on the
+    // peer before the object's record exists.
+    let call = common::slow::paced_upload(
+        &c.nodes[0],
+        "slow",
+        data.clone(),
+        CHUNK,
+        Duration::from_millis(150),
+    );
+    call.await.expect("upload task").expect("slow upload");
     let copies = c.copies(&data);
     assert!(
         copies.iter().all(|n| *n == 2),

@@ -5,10 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::*;
-use dfs::proto::{UploadHeader, UploadRequest};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use common::{slow::paced_upload, *};
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -87,58 +84,11 @@ async fn acknowledged_objects_survive_kill_9() {
     node.assert_healthy().await;
 }
 
-/// Starts an upload that streams `data` in `msg`-byte messages with a pause
-/// between them, so it is still running when the test interferes. Returns
-/// the task running the call.
-fn slow_upload(
-    node: &TestNode,
-    key: &str,
-    data: Vec<u8>,
-    msg: usize,
-    pause: Duration,
-) -> tokio::task::JoinHandle<Result<dfs::proto::ObjectInfo, tonic::Status>> {
-    let addr = node.addr().to_owned();
-    let key = key.to_owned();
-    tokio::spawn(async move {
-        let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let mut storage = dfs::proto::storage_client::StorageClient::new(channel);
-        let (tx, rx) = mpsc::channel::<UploadRequest>(1);
-        tokio::spawn(async move {
-            let header = UploadHeader {
-                key,
-                ..Default::default()
-            };
-            if tx.send(header_msg_with(header)).await.is_err() {
-                return;
-            }
-            for part in data.chunks(msg) {
-                tokio::time::sleep(pause).await;
-                if tx.send(data_msg(part)).await.is_err() {
-                    return;
-                }
-            }
-        });
-        upload_raw_stream(&mut storage, ReceiverStream::new(rx)).await
-    })
-}
-
-async fn upload_raw_stream(
-    storage: &mut dfs::proto::storage_client::StorageClient<tonic::transport::Channel>,
-    stream: ReceiverStream<UploadRequest>,
-) -> Result<dfs::proto::ObjectInfo, tonic::Status> {
-    let resp = storage.upload(stream).await?;
-    Ok(resp.into_inner().object.unwrap_or_default())
-}
-
 /// Runs a slow upload to `key`, kills the node with SIGKILL once some of its
 /// chunks are on disk, checks the client saw a failure, and restarts the node.
 async fn kill_9_during_upload(node: &mut TestNode, key: &str, data: Vec<u8>) {
     let chunks_before = node.chunk_files().len();
-    let call = slow_upload(node, key, data, 16 * 1024, Duration::from_millis(10));
+    let call = paced_upload(node, key, data, 16 * 1024, Duration::from_millis(10));
     let progressed = wait_until(Duration::from_secs(20), || {
         node.chunk_files().len() >= chunks_before + 3
     })
@@ -218,9 +168,12 @@ async fn kill_9_mid_overwrite_keeps_the_previous_version() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cancelled_upload_leaves_no_object_and_empty_tmp() {
-    let node = TestNode::start(&[]).await;
+    let mut node = TestNode::new(&[]);
+    common::metrics::enable_metrics(&mut node);
+    node.launch().await;
+    let metrics = common::metrics::metrics_addr(&node);
     let chunks_before = node.chunk_files().len();
-    let call = slow_upload(
+    let call = paced_upload(
         &node,
         "cancelled",
         pseudo_random(70, 40 * CHUNK),
@@ -237,13 +190,27 @@ async fn cancelled_upload_leaves_no_object_and_empty_tmp() {
     call.abort();
     let _ = call.await;
     let mut storage = node.storage().await;
-    // Let the node notice the cancellation and unwind the pipeline.
+    // Proof the node noticed the cancellation: the call is over, counted
+    // as CANCELLED (its handler, which alone can commit, was dropped), and
+    // tmp/ is empty.
+    poll_until(
+        Duration::from_secs(10),
+        "the node counts the upload as cancelled",
+        async || {
+            let s = common::metrics::scrape(&metrics).await;
+            s.calls("Upload", "CANCELLED") == Some(1.0)
+                && s.require(
+                    "dfs_grpc_requests_in_flight",
+                    &["service=\"dfs.v1.Storage\"", "method=\"Upload\""],
+                ) == 0.0
+        },
+    )
+    .await;
     assert!(
         wait_until(Duration::from_secs(10), || node.tmp_files().is_empty()).await,
         "tmp/ still holds {:?}",
         node.tmp_files()
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
     assert_code(
         stat_key(&mut storage, "cancelled").await,
         Code::NotFound,
@@ -322,7 +289,7 @@ async fn sigterm_lets_an_in_flight_upload_finish() {
     let data = pseudo_random(95, 12 * CHUNK);
     let chunks_before = node.chunk_files().len();
     // About 1.5 s of upload.
-    let call = slow_upload(
+    let call = paced_upload(
         &node,
         "inflight",
         data.clone(),

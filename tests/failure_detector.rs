@@ -14,7 +14,7 @@ async fn with_one_node_frozen_uploads_through_the_others_keep_working() {
     let dead_after = Duration::from_secs(3);
     let peer_timeout = Duration::from_secs(2);
     let c = TestCluster::start(3, 3, &["--dead-after", "3s", "--peer-timeout", "2s"]).await;
-    signal(&c.nodes[2], libc::SIGSTOP);
+    c.nodes[2].signal(libc::SIGSTOP);
     let frozen_at = Instant::now();
     let mut done = 0;
     let mut slowest = Duration::ZERO;
@@ -53,6 +53,6 @@ async fn with_one_node_frozen_uploads_through_the_others_keep_working() {
             "node {i} marked the healthy node down"
         );
     }
-    signal(&c.nodes[2], libc::SIGCONT);
+    c.nodes[2].signal(libc::SIGCONT);
     assert!(done >= 5, "only {done} uploads in 20 s");
 }

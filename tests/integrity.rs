@@ -4,39 +4,10 @@
 
 mod common;
 
-use std::{fs, path::Path};
+use std::fs;
 
 use common::*;
 use tonic::Code;
-
-/// How a test damages a chunk file.
-#[derive(Debug, Clone, Copy)]
-enum Damage {
-    FlipByte,
-    Truncate,
-    TruncateBelowIv,
-    /// Replaced by another chunk's (validly sealed) file.
-    SwapWithOtherChunk,
-    /// Replaced by junk larger than any chunk.
-    OversizedJunk,
-    Empty,
-}
-
-fn damage(path: &Path, other_chunk: &Path, how: Damage) {
-    let mut bytes = fs::read(path).unwrap();
-    match how {
-        Damage::FlipByte => {
-            let i = bytes.len() / 2;
-            bytes[i] ^= 0x01;
-        }
-        Damage::Truncate => bytes.truncate(bytes.len() - 1000),
-        Damage::TruncateBelowIv => bytes.truncate(5),
-        Damage::SwapWithOtherChunk => bytes = fs::read(other_chunk).unwrap(),
-        Damage::OversizedJunk => bytes = pseudo_random(666, 3 * CHUNK),
-        Damage::Empty => bytes.clear(),
-    }
-    fs::write(path, bytes).unwrap();
-}
 
 async fn corrupt_chunk_is_detected(how: Damage) {
     let node_root = tempfile::tempdir().unwrap();
@@ -62,7 +33,7 @@ async fn corrupt_chunk_is_detected(how: Damage) {
         "chunk 2 of the victim is at {bad_path:?}"
     );
     let other = chunk_path(&node.data_dir(), &chunk_ids(&key_file, &bystander)[0]);
-    damage(&bad_path, &other, how);
+    damage_file(&bad_path, Some(&other), how);
 
     let d = download_partial(&mut storage, key_request("victim", 0, 0)).await;
     match &d.end {
@@ -146,7 +117,7 @@ async fn truncated_chunk_is_data_loss_and_quarantined() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn foreign_bytes_in_a_chunk_file_are_data_loss_and_quarantined() {
-    corrupt_chunk_is_detected(Damage::SwapWithOtherChunk).await;
+    corrupt_chunk_is_detected(Damage::SwapWithOther).await;
     corrupt_chunk_is_detected(Damage::OversizedJunk).await;
 }
 
@@ -213,24 +184,13 @@ async fn node_uses_the_cluster_key_file_it_is_given() {
     let other_key = write_key_file(&keys.path().join("k2"), 11);
     let impostor = TestNode::new(&[]);
     copy_dir(&node.data_dir(), &impostor.data_dir());
-    let out = tokio::time::timeout(
-        std::time::Duration::from_secs(20),
-        run_dfs(&[
-            "node",
-            "--data",
-            impostor.data_dir().to_str().unwrap(),
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--p2p-addr",
-            "127.0.0.1:0",
-            "--cluster-key-file",
-            other_key.to_str().unwrap(),
-        ]),
-    )
-    .await
-    .expect("the node refuses to start rather than serving");
-    assert!(!out.status.success(), "a node with the wrong key started");
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refuse_to_start(&[
+        "--data",
+        impostor.data_dir().to_str().unwrap(),
+        "--cluster-key-file",
+        other_key.to_str().unwrap(),
+    ])
+    .await;
     assert!(
         err.contains("different cluster key"),
         "unclear refusal: {err}"
@@ -257,6 +217,13 @@ async fn node_without_a_key_file_creates_and_keeps_one() {
     let key = key.trim();
     assert_eq!(key.len(), 64);
     assert!(key.bytes().all(|b| b.is_ascii_hexdigit()));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(&key_path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        mode, 0o600,
+        "the key the node made is readable by its owner only"
+    );
+    assert!(!node.log().contains(key), "the node logged its key");
     let data = pseudo_random(130, CHUNK + 5);
     {
         let mut storage = node.storage().await;
@@ -292,20 +259,7 @@ async fn restart_that_forgets_the_key_file_does_not_mint_a_new_key() {
     assert!(node.sigterm().await.success());
 
     node.set_args(&[]);
-    let out = tokio::time::timeout(
-        std::time::Duration::from_secs(20),
-        run_dfs(&[
-            "node",
-            "--data",
-            node.data_dir().to_str().unwrap(),
-            "--grpc-addr",
-            "127.0.0.1:0",
-        ]),
-    )
-    .await
-    .expect("the node refuses to start rather than serving");
-    assert!(!out.status.success(), "the node started without its key");
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refuse_to_start(&["--data", node.data_dir().to_str().unwrap()]).await;
     assert!(err.contains("cluster"), "unclear refusal: {err}");
     assert!(
         !node.data_dir().join("cluster.key").exists(),

@@ -3,114 +3,36 @@
 
 mod common;
 
-use std::{collections::BTreeMap, time::Duration};
-
-use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use common::{
+    metrics::{enable_metrics, http_get, metrics_addr, scrape},
+    *,
+};
 use tonic::Code;
-
-/// One sample: metric name and its labels, sorted, as `k="v"` pairs.
-type Series = (String, Vec<String>);
 
 /// A node with metrics on an ephemeral loopback port; returns the node and
 /// the metrics address it wrote.
 async fn node_with_metrics(extra: &[&str]) -> (TestNode, String) {
     let mut node = TestNode::new(extra);
-    let addr_file = node.root().join("metrics-addr");
-    node.add_args(&[
-        "--metrics-addr",
-        "127.0.0.1:0",
-        "--metrics-addr-file",
-        addr_file.to_str().expect("utf-8 temp path"),
-    ]);
+    enable_metrics(&mut node);
     node.launch().await;
-    let addr = std::fs::read_to_string(&addr_file)
-        .expect("the node writes its metrics address before serving gRPC")
-        .trim()
-        .to_owned();
+    let addr = metrics_addr(&node);
     assert!(addr.starts_with("127.0.0.1:"), "metrics address {addr}");
     (node, addr)
-}
-
-/// GETs `path` from the metrics endpoint: (status line, body).
-async fn http_get(addr: &str, path: &str) -> (String, String) {
-    let mut conn = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect to the metrics endpoint");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    conn.write_all(request.as_bytes()).await.expect("send GET");
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut raw))
-        .await
-        .expect("the endpoint answers within 10 s")
-        .expect("read the answer");
-    let text = String::from_utf8(raw).expect("the answer is UTF-8");
-    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP answer");
-    let status = head.lines().next().unwrap_or_default().to_owned();
-    (status, body.to_owned())
-}
-
-/// Scrapes `/metrics` and parses every sample line.
-async fn scrape(addr: &str) -> (String, BTreeMap<Series, f64>) {
-    let (status, body) = http_get(addr, "/metrics").await;
-    assert!(status.contains(" 200 "), "scrape status: {status}");
-    let mut samples = BTreeMap::new();
-    for line in body
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-    {
-        let (series, value) = line.rsplit_once(' ').expect("`series value` lines");
-        let value: f64 = value.parse().expect("a numeric sample value");
-        let (name, labels) = match series.split_once('{') {
-            Some((name, rest)) => {
-                let mut labels: Vec<String> = rest
-                    .trim_end_matches('}')
-                    .split(',')
-                    .map(str::to_owned)
-                    .collect();
-                labels.sort();
-                (name.to_owned(), labels)
-            }
-            None => (series.to_owned(), Vec::new()),
-        };
-        samples.insert((name, labels), value);
-    }
-    (body, samples)
-}
-
-/// The value of `name{labels}` (labels as `k="v"`, any order).
-fn value(samples: &BTreeMap<Series, f64>, name: &str, labels: &[&str]) -> Option<f64> {
-    let mut labels: Vec<String> = labels.iter().map(|l| l.to_string()).collect();
-    labels.sort();
-    samples.get(&(name.to_owned(), labels)).copied()
-}
-
-fn calls(samples: &BTreeMap<Series, f64>, method: &str, code: &str) -> f64 {
-    value(
-        samples,
-        "dfs_grpc_requests_total",
-        &[
-            "service=\"dfs.v1.Storage\"",
-            &format!("method=\"{method}\""),
-            &format!("code=\"{code}\""),
-        ],
-    )
-    .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_count_calls_by_code_bytes_and_stored_chunks() {
     let (node, addr) = node_with_metrics(&[]).await;
-    let (_, before) = scrape(&addr).await;
-    assert_eq!(calls(&before, "Upload", "OK"), 0.0);
-    assert_eq!(value(&before, "dfs_upload_bytes_total", &[]), Some(0.0));
+    let before = scrape(&addr).await;
+    // A call series appears with its first call: none has been made yet.
+    assert_eq!(before.calls("Upload", "OK"), None, "{}", before.body);
+    assert_eq!(before.require("dfs_upload_bytes_total", &[]), 0.0);
     assert_eq!(
-        value(
-            &before,
+        before.require(
             "dfs_chunk_verification_failures_total",
             &["source=\"local\""]
         ),
-        Some(0.0),
+        0.0,
         "alerting counters are exported from the start"
     );
 
@@ -126,37 +48,37 @@ async fn metrics_count_calls_by_code_bytes_and_stored_chunks() {
     let missing = stat_key(&mut storage, "metrics/missing").await;
     assert_eq!(missing.expect_err("no such key").code(), Code::NotFound);
 
-    let (body, after) = scrape(&addr).await;
-    assert_eq!(calls(&after, "Upload", "OK"), 1.0, "{body}");
-    assert_eq!(calls(&after, "Download", "OK"), 1.0, "{body}");
-    assert_eq!(calls(&after, "Stat", "NOT_FOUND"), 1.0, "{body}");
-    assert_eq!(calls(&after, "Stat", "OK"), 0.0, "{body}");
+    let after = scrape(&addr).await;
+    let body = &after.body;
+    assert_eq!(after.calls("Upload", "OK"), Some(1.0), "{body}");
+    assert_eq!(after.calls("Download", "OK"), Some(1.0), "{body}");
+    assert_eq!(after.calls("Stat", "NOT_FOUND"), Some(1.0), "{body}");
+    // The one Stat ended NOT_FOUND (counted just above), so no OK series.
+    assert_eq!(after.calls("Stat", "OK"), None, "{body}");
     let n = data.len() as f64;
-    assert_eq!(value(&after, "dfs_upload_bytes_total", &[]), Some(n));
-    assert_eq!(value(&after, "dfs_download_bytes_total", &[]), Some(n));
-    assert_eq!(value(&after, "dfs_store_chunks", &[]), Some(6.0), "{body}");
-    assert!(value(&after, "dfs_store_bytes", &[]).unwrap_or(0.0) > n);
-    assert_eq!(value(&after, "dfs_objects_live", &[]), Some(1.0));
+    assert_eq!(after.require("dfs_upload_bytes_total", &[]), n);
+    assert_eq!(after.require("dfs_download_bytes_total", &[]), n);
+    assert_eq!(after.require("dfs_store_chunks", &[]), 6.0, "{body}");
+    assert!(after.require("dfs_store_bytes", &[]) > n);
+    assert_eq!(after.require("dfs_objects_live", &[]), 1.0);
     assert_eq!(
-        value(&after, "dfs_cluster_members", &["state=\"down\""]),
-        Some(0.0)
+        after.require("dfs_cluster_members", &["state=\"down\""]),
+        0.0
     );
     assert_eq!(
-        value(
-            &after,
+        after.require(
             "dfs_grpc_request_duration_seconds_count",
             &["service=\"dfs.v1.Storage\"", "method=\"Download\""]
         ),
-        Some(1.0),
+        1.0,
         "{body}"
     );
     assert_eq!(
-        value(
-            &after,
+        after.require(
             "dfs_grpc_requests_in_flight",
             &["service=\"dfs.v1.Storage\"", "method=\"Upload\""]
         ),
-        Some(0.0)
+        0.0
     );
     assert!(body.contains("# HELP dfs_grpc_requests_total "), "{body}");
     assert!(body.contains("# TYPE dfs_grpc_request_duration_seconds histogram"));
@@ -176,10 +98,7 @@ async fn a_download_failing_after_data_counts_as_data_loss() {
     // Damage every chunk: the info message goes out first, so the status
     // arrives in the trailers of a streaming response.
     for path in node.chunk_files() {
-        let mut bytes = std::fs::read(&path).expect("read chunk");
-        let last = bytes.len() - 1;
-        bytes[last] ^= 0x5a;
-        std::fs::write(&path, bytes).expect("write chunk");
+        damage_file(&path, None, Damage::FlipByte);
     }
     let delivered = download_partial(&mut storage, key_request("metrics/bad", 0, 0)).await;
     assert!(delivered.info.is_some(), "info is sent before any chunk");
@@ -188,54 +107,40 @@ async fn a_download_failing_after_data_counts_as_data_loss() {
         Code::DataLoss,
         "the client sees DATA_LOSS"
     );
-    let (body, samples) = scrape(&addr).await;
-    assert_eq!(calls(&samples, "Download", "DATA_LOSS"), 1.0, "{body}");
-    assert_eq!(calls(&samples, "Download", "OK"), 0.0, "{body}");
-    let failures = value(
-        &samples,
+    let after = scrape(&addr).await;
+    let body = &after.body;
+    assert_eq!(after.calls("Download", "DATA_LOSS"), Some(1.0), "{body}");
+    assert_eq!(after.calls("Download", "OK"), None, "{body}");
+    let failures = after.require(
         "dfs_chunk_verification_failures_total",
         &["source=\"local\""],
-    )
-    .unwrap_or(0.0);
+    );
     assert!(failures >= 1.0, "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn calls_refused_by_auth_are_counted_as_unauthenticated() {
     let mut node = TestNode::new(&[]);
-    let token_file = node.root().join("token");
-    std::fs::write(&token_file, "t0ken\n").expect("write token");
-    let addr_file = node.root().join("metrics-addr");
-    node.add_args(&[
-        "--auth-token-file",
-        token_file.to_str().expect("utf-8"),
-        "--metrics-addr",
-        "127.0.0.1:0",
-        "--metrics-addr-file",
-        addr_file.to_str().expect("utf-8"),
-    ]);
+    node.use_token("t0ken");
+    enable_metrics(&mut node);
     node.launch().await;
-    let addr = std::fs::read_to_string(&addr_file).expect("metrics address");
+    let addr = metrics_addr(&node);
     let mut client = node.client(None).await;
     assert_eq!(
         client.stat("k").await.expect_err("no token").code(),
         Code::Unauthenticated
     );
     assert!(node.is_serving().await, "health answers without a token");
-    let (body, samples) = scrape(addr.trim()).await;
-    assert_eq!(calls(&samples, "Stat", "UNAUTHENTICATED"), 1.0, "{body}");
-    assert!(
-        value(
-            &samples,
-            "dfs_grpc_requests_total",
-            &[
-                "service=\"grpc.health.v1.Health\"",
-                "method=\"Check\"",
-                "code=\"OK\""
-            ]
-        )
-        .unwrap_or(0.0)
-            >= 1.0,
-        "{body}"
+    let after = scrape(&addr).await;
+    let body = &after.body;
+    assert_eq!(after.calls("Stat", "UNAUTHENTICATED"), Some(1.0), "{body}");
+    let health_ok = after.require(
+        "dfs_grpc_requests_total",
+        &[
+            "service=\"grpc.health.v1.Health\"",
+            "method=\"Check\"",
+            "code=\"OK\"",
+        ],
     );
+    assert!(health_ok >= 1.0, "{body}");
 }

@@ -14,9 +14,7 @@ const TOKEN: &str = "s3cret-token";
 
 async fn node_with_token() -> TestNode {
     let mut node = TestNode::new(&[]);
-    let token_file = node.root().join("token");
-    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
-    node.add_args(&["--auth-token-file", token_file.to_str().unwrap()]);
+    node.use_token(TOKEN);
     node.launch().await;
     node
 }
@@ -186,13 +184,18 @@ async fn gc_removes_chunks_of_deleted_objects_and_keeps_shared_ones() {
         .filter(|f| !shared_files.contains(f))
         .collect();
     assert_eq!(unique_files.len(), 3);
+    let mtime = |f: &std::path::PathBuf| std::fs::metadata(f).unwrap().modified().unwrap();
+    let shared_refreshed = shared_files.iter().map(mtime).max().unwrap();
+    let unique_written = unique_files.iter().map(mtime).min().unwrap();
 
+    // "a" goes first: any pass that later deletes a chunk of "c" ran
+    // after the shared chunks lost every reference but "b"'s.
     storage
-        .delete(DeleteRequest { key: "c".into() })
+        .delete(DeleteRequest { key: "a".into() })
         .await
         .unwrap();
     storage
-        .delete(DeleteRequest { key: "a".into() })
+        .delete(DeleteRequest { key: "c".into() })
         .await
         .unwrap();
     let collected = wait_until(Duration::from_secs(8), || {
@@ -200,8 +203,14 @@ async fn gc_removes_chunks_of_deleted_objects_and_keeps_shared_ones() {
     })
     .await;
     assert!(collected, "chunks of the deleted object are still on disk");
-    // Two more collector passes: the shared chunks must survive them.
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Proof the shared chunks had their chance to go: they are no younger
+    // than "c"'s chunks (written, or refreshed by "b"'s dedup, before them),
+    // so the pass that found "c"'s chunks past the grace found them past it
+    // too, unreferenced but for "b".
+    assert!(
+        shared_refreshed <= unique_written,
+        "shared chunks refreshed at {shared_refreshed:?}, c written at {unique_written:?}"
+    );
     assert_eq!(node.chunk_files(), shared_files, "shared chunks kept");
     assert_eq!(status_chunk_count(&node).await, 5);
     let (_, got) = download(&mut storage, key_request("b", 0, 0))
@@ -224,35 +233,58 @@ async fn gc_removes_chunks_of_deleted_objects_and_keeps_shared_ones() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn gc_does_not_touch_chunks_of_an_upload_in_progress() {
-    // With a grace shorter than the upload, only pinning protects the chunks
-    // the upload has written but not yet committed.
-    let node = TestNode::start(&["--gc-grace", "1s", "--gc-interval", "500ms"]).await;
+    // With a grace shorter than the upload, only the upload's lease
+    // protects the chunks it has written but not yet committed.
+    let node = TestNode::start(&["--gc-grace", "3s", "--gc-interval", "300ms"]).await;
     let data = pseudo_random(310, 12 * CHUNK);
-    let addr = node.addr().to_owned();
-    let payload = data.clone();
-    let call = tokio::spawn(async move {
-        let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let mut storage = dfs::proto::storage_client::StorageClient::new(channel);
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
-        tokio::spawn(async move {
-            tx.send(header_msg("slow")).await.unwrap();
-            for part in payload.chunks(CHUNK / 2) {
-                tokio::time::sleep(Duration::from_millis(130)).await;
-                tx.send(data_msg(part)).await.unwrap();
-            }
-        });
-        storage
-            .upload(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-    });
-    let resp = call.await.unwrap().expect("slow upload");
-    assert_eq!(resp.into_inner().object.unwrap().size, data.len() as u64);
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (first, rest) = data.split_at(6 * CHUNK);
+    // A decoy: garbage made before the slow upload begins. A lease spares
+    // what was written since its upload began (less 2 s of slack), so the
+    // decoy is written 2.5 s before; it is still inside its grace then, so
+    // its collection proves a pass ran while the upload was in progress.
+    let decoy = pseudo_random(311, CHUNK);
     let mut storage = node.storage().await;
+    upload(&mut storage, "decoy", &decoy, CHUNK).await.unwrap();
+    storage
+        .delete(DeleteRequest {
+            key: "decoy".into(),
+        })
+        .await
+        .unwrap();
+    let decoy_files = node.chunk_files();
+    assert_eq!(decoy_files.len(), 1, "{decoy_files:?}");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let slow = SlowUpload::start(&node, "slow").await;
+    for piece in first.chunks(CHUNK / 2) {
+        assert!(slow.send(piece).await, "the node ended the upload");
+    }
+    assert!(
+        wait_until(Duration::from_secs(20), || node.chunk_files().len() == 7).await,
+        "the first half's chunks are not on disk"
+    );
+    let written: Vec<_> = node
+        .chunk_files()
+        .into_iter()
+        .filter(|f| !decoy_files.contains(f))
+        .collect();
+    let started = std::time::Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(20), || !decoy_files[0].exists()).await,
+        "the collector never took the decoy"
+    );
+    // Past the grace for the upload's own chunks too.
+    if started.elapsed() < Duration::from_secs(4) {
+        tokio::time::sleep(Duration::from_secs(4) - started.elapsed()).await;
+    }
+    assert!(!slow.is_finished(), "the upload is still in progress");
+    for f in &written {
+        assert!(f.exists(), "{f:?}: collected while its upload ran");
+    }
+    for piece in rest.chunks(CHUNK / 2) {
+        assert!(slow.send(piece).await, "the node ended the upload");
+    }
+    let info = slow.finish().await.expect("slow upload");
+    assert_eq!(info.size, data.len() as u64);
     let (_, got) = download(&mut storage, key_request("slow", 0, 0))
         .await
         .unwrap();

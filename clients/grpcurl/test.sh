@@ -5,7 +5,11 @@
 #   DFS_TEST_ADDR=127.0.0.1:50051 clients/grpcurl/test.sh
 #
 # Optional: DFS_TEST_AUTH_ADDR and DFS_TEST_TOKEN (a token file) to check
-# bearer-token auth; GRPCURL to pick the binary (default: grpcurl on PATH, or
+# bearer-token auth, with DFS_TEST_READ_TOKEN and DFS_TEST_WRITE_TOKEN for
+# the roles; DFS_TEST_CA_FILE (and DFS_TEST_CERT_FILE, DFS_TEST_KEY_FILE) to
+# reach both nodes over TLS (mutual TLS); DFS_TEST_TLS_ADDR,
+# DFS_TEST_MTLS_ADDR and DFS_TEST_PKI (see clients/make-test-pki.sh) for the
+# TLS cases; GRPCURL to pick the binary (default: grpcurl on PATH, or
 # clients/.tools/bin/grpcurl). Needs bash, coreutils and python3 (to read the
 # JSON that grpcurl prints).
 set -uo pipefail
@@ -21,7 +25,17 @@ prefix="grpcurl-test/$(date +%s%N)/"
 passed=0
 failed=0
 
-g() { "$GRPCURL" -plaintext -max-time 60 "$@"; }
+# How this run reaches its nodes: TLS when DFS_TEST_CA_FILE says so.
+transport=(-plaintext)
+if [[ -n "${DFS_TEST_CA_FILE:-}" ]]; then
+  transport=(-cacert "$DFS_TEST_CA_FILE")
+  if [[ -n "${DFS_TEST_CERT_FILE:-}" ]]; then
+    transport+=(-cert "$DFS_TEST_CERT_FILE" -key "$DFS_TEST_KEY_FILE")
+  fi
+fi
+g() { "$GRPCURL" "${transport[@]}" -max-time 60 "$@"; }
+# gt FLAGS... -- ARGS...: grpcurl with its own transport flags, for the TLS cases.
+gt() { "$GRPCURL" -max-time 20 "$@"; }
 
 ok() { echo "ok   - $1"; passed=$((passed + 1)); }
 bad() {
@@ -203,8 +217,73 @@ if [[ -n "${DFS_TEST_AUTH_ADDR:-}" && -n "${DFS_TEST_TOKEN:-}" ]]; then
   else
     bad "Stat without a token" "$(cat "$tmp/auth-none")"
   fi
+  if g "$auth_addr" list >"$tmp/auth-list" 2>&1 && grep -qx 'dfs.v1.Storage' "$tmp/auth-list"; then
+    ok "reflection needs no token"
+  else
+    bad "reflection without a token" "$(cat "$tmp/auth-list")"
+  fi
 else
   echo "skip - auth (DFS_TEST_AUTH_ADDR / DFS_TEST_TOKEN not set)"
+fi
+
+# --- roles -----------------------------------------------------------------
+if [[ -n "${DFS_TEST_AUTH_ADDR:-}" && -n "${DFS_TEST_READ_TOKEN:-}" && -n "${DFS_TEST_WRITE_TOKEN:-}" ]]; then
+  read_h="authorization: Bearer $(tr -d '[:space:]' <"$DFS_TEST_READ_TOKEN")"
+  write_h="authorization: Bearer $(tr -d '[:space:]' <"$DFS_TEST_WRITE_TOKEN")"
+  rkey="${prefix}roles.txt"
+  if ! g -H "$read_h" -d "{\"key\": \"$rkey\"}" "$DFS_TEST_AUTH_ADDR" dfs.v1.Storage/Stat >"$tmp/r-stat" 2>&1 &&
+    grep -q 'Code: NotFound' "$tmp/r-stat"; then
+    ok "a read token may Stat"
+  else
+    bad "Stat with a read token" "$(cat "$tmp/r-stat")"
+  fi
+  printf '{"header": {"key": "%s"}}\n{"data": "aGk="}\n' "$rkey" >"$tmp/r-up.json"
+  if ! g -H "$read_h" -d @ "$DFS_TEST_AUTH_ADDR" dfs.v1.Storage/Upload <"$tmp/r-up.json" >"$tmp/r-up" 2>&1 &&
+    grep -q 'Code: PermissionDenied' "$tmp/r-up" && grep -q 'role write' "$tmp/r-up"; then
+    ok "a read token may not Upload (PermissionDenied, naming the role)"
+  else
+    bad "Upload with a read token" "$(cat "$tmp/r-up")"
+  fi
+  if g -H "$write_h" -d @ "$DFS_TEST_AUTH_ADDR" dfs.v1.Storage/Upload <"$tmp/r-up.json" >"$tmp/w-up" 2>&1 &&
+    g -H "$write_h" -d "{\"key\": \"$rkey\"}" "$DFS_TEST_AUTH_ADDR" dfs.v1.Storage/Delete >>"$tmp/w-up" 2>&1; then
+    ok "a write token may Upload and Delete"
+  else
+    bad "Upload and Delete with a write token" "$(cat "$tmp/w-up")"
+  fi
+  if ! g -H "$write_h" -d '{"node_id": "no-such-node"}' "$DFS_TEST_AUTH_ADDR" dfs.v1.Cluster/ForgetMember >"$tmp/w-forget" 2>&1 &&
+    grep -q 'Code: PermissionDenied' "$tmp/w-forget"; then
+    ok "a write token may not ForgetMember"
+  else
+    bad "ForgetMember with a write token" "$(cat "$tmp/w-forget")"
+  fi
+else
+  echo "skip - roles (DFS_TEST_AUTH_ADDR / DFS_TEST_READ_TOKEN / DFS_TEST_WRITE_TOKEN not set)"
+fi
+
+# --- TLS -------------------------------------------------------------------
+if [[ -n "${DFS_TEST_PKI:-}" && -n "${DFS_TEST_TLS_ADDR:-}" && -n "${DFS_TEST_MTLS_ADDR:-}" ]]; then
+  pki="$DFS_TEST_PKI"
+  check "TLS node, trusting its CA" gt -cacert "$pki/ca.pem" "$DFS_TEST_TLS_ADDR" grpc.health.v1.Health/Check
+  if ! gt -cacert "$pki/other-ca.pem" "$DFS_TEST_TLS_ADDR" grpc.health.v1.Health/Check >"$tmp/tls-wrong" 2>&1; then
+    ok "TLS node, trusting another CA: refused"
+  else
+    bad "TLS node with another CA succeeded" "$(cat "$tmp/tls-wrong")"
+  fi
+  check "mTLS node with a client certificate" gt -cacert "$pki/ca.pem" -cert "$pki/client.pem" -key "$pki/client.key" \
+    "$DFS_TEST_MTLS_ADDR" grpc.health.v1.Health/Check
+  if ! gt -cacert "$pki/ca.pem" "$DFS_TEST_MTLS_ADDR" grpc.health.v1.Health/Check >"$tmp/mtls-none" 2>&1; then
+    ok "mTLS node without a client certificate: refused"
+  else
+    bad "mTLS node without a client certificate succeeded" "$(cat "$tmp/mtls-none")"
+  fi
+  if ! gt -cacert "$pki/ca.pem" -cert "$pki/stranger.pem" -key "$pki/stranger.key" \
+    "$DFS_TEST_MTLS_ADDR" grpc.health.v1.Health/Check >"$tmp/mtls-stranger" 2>&1; then
+    ok "mTLS node with a certificate from another CA: refused"
+  else
+    bad "mTLS node with a stranger's certificate succeeded" "$(cat "$tmp/mtls-stranger")"
+  fi
+else
+  echo "skip - TLS (DFS_TEST_PKI / DFS_TEST_TLS_ADDR / DFS_TEST_MTLS_ADDR not set)"
 fi
 
 echo "grpcurl: $passed passed, $failed failed"

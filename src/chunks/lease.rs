@@ -19,7 +19,10 @@
 
 use std::{
     collections::HashMap,
-    sync::Mutex,
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant, SystemTime},
 };
 
@@ -47,6 +50,9 @@ pub struct Leases {
     held: Mutex<HashMap<LeaseId, Lease>>,
     opened: Instant,
     quiet: Duration,
+    /// Set for a node that ran alone before this start: no other node can
+    /// have had uploads in progress on it, so nothing needs to wait.
+    no_quiet: AtomicBool,
 }
 
 impl Leases {
@@ -57,6 +63,7 @@ impl Leases {
             held: Mutex::new(HashMap::new()),
             opened: Instant::now(),
             quiet: ttl,
+            no_quiet: AtomicBool::new(false),
         }
     }
 
@@ -95,7 +102,14 @@ impl Leases {
     /// Whether the collector may run: not before every upload that was in
     /// progress when this node started had its chance to renew its lease.
     pub fn collection_allowed(&self) -> bool {
-        self.opened.elapsed() >= self.quiet
+        self.no_quiet.load(Ordering::Relaxed) || self.opened.elapsed() >= self.quiet
+    }
+
+    /// Drops the start-up quiet period: this node had no peers (none
+    /// configured, none remembered), so no lease of another node's upload
+    /// can have been lost by its restart.
+    pub fn skip_quiet_period(&self) {
+        self.no_quiet.store(true, Ordering::Relaxed);
     }
 
     /// Leases in force.

@@ -4,13 +4,16 @@
 
 mod client_cmds;
 mod demo;
+mod health_cmd;
 mod node_cmd;
+mod tls_args;
 
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Args, Parser, Subcommand};
 
 pub use node_cmd::NodeArgs;
+pub use tls_args::{ClientTlsArgs, ServerTlsArgs};
 
 use crate::units::parse_size;
 
@@ -46,6 +49,8 @@ enum Command {
     Status(client_cmds::StatusArgs),
     /// List the cluster's members, or forget a dead one for good
     Members(client_cmds::MembersArgs),
+    /// Check a node's grpc.health.v1 status (exit 0 when SERVING): for probes and HEALTHCHECK
+    Health(health_cmd::HealthArgs),
     /// Write a new random cluster secret to a file
     Keygen(KeygenArgs),
     /// Run a local demo: store the files in test_files/ and recover them
@@ -71,6 +76,8 @@ pub struct ClientArgs {
         conflicts_with = "token_file"
     )]
     pub token: Option<String>,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
 }
 
 impl ClientArgs {
@@ -86,7 +93,11 @@ impl ClientArgs {
 
     /// Connects to the node.
     pub async fn connect(&self) -> anyhow::Result<crate::client::Client> {
-        crate::client::Client::connect(&self.node, self.token()?).await
+        let opts = crate::client::ConnectOptions {
+            token: self.token()?,
+            tls: self.tls.files(),
+        };
+        crate::client::Client::connect_with(&self.node, &opts).await
     }
 }
 
@@ -110,6 +121,8 @@ pub fn duration_arg(text: &str) -> Result<std::time::Duration, String> {
 /// Runs the command line and returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before any TLS is set up, in the node and in the client commands.
+    crate::grpc::tls::install_crypto_provider();
     let result = match cli.command {
         Command::Node(args) => node_cmd::run(*args),
         Command::Keygen(args) => keygen(args),
@@ -137,6 +150,7 @@ fn run_client(command: Command) -> anyhow::Result<ExitCode> {
             Command::Rm(a) => client_cmds::rm(a).await,
             Command::Status(a) => client_cmds::status(a).await,
             Command::Members(a) => client_cmds::members(a).await,
+            Command::Health(a) => return health_cmd::run(a).await,
             Command::Demo(a) => demo::run(a).await,
             Command::Bench(a) => crate::bench::run(a).await,
             Command::Node(_) | Command::Keygen(_) => unreachable!("handled before"),
@@ -169,13 +183,22 @@ pub fn one_line(e: &anyhow::Error) -> String {
 }
 
 /// A gRPC status as `CODE: message`.
+/// A status the client made itself (a transport failure, such as a TLS
+/// handshake the node refused) also gets its causes: "transport error"
+/// alone says nothing.
 pub fn status_line(status: &tonic::Status) -> String {
     let code = format!("{:?}", status.code());
-    format!(
-        "{}: {}",
-        to_screaming(&code),
-        status.message().replace('\n', " ")
-    )
+    let mut text = status.message().to_owned();
+    let mut source = std::error::Error::source(status);
+    while let Some(cause) = source {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+        source = cause.source();
+    }
+    format!("{}: {}", to_screaming(&code), text.replace('\n', " "))
 }
 
 fn to_screaming(camel: &str) -> String {

@@ -77,9 +77,11 @@ pub struct NodeArgs {
     /// Chunk size for new uploads (64KiB..=16MiB)
     #[arg(long, env = "DFS_CHUNK_SIZE", default_value = "4MiB", value_parser = size_arg)]
     pub chunk_size: u64,
-    /// File holding a bearer token that Storage and Cluster calls must carry
+    /// Bearer tokens that Storage and Cluster calls must carry, one `ROLE TOKEN` a line (roles: read, write, admin; re-read on SIGHUP)
     #[arg(long, env = "DFS_AUTH_TOKEN_FILE", value_name = "PATH")]
     pub auth_token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: super::ServerTlsArgs,
     /// Log format on stderr
     #[arg(long, env = "DFS_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -173,17 +175,11 @@ impl LimitArgs {
 pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     init_logging(args.log_format);
     limit_allocator_caching();
-    let token = match &args.auth_token_file {
-        Some(path) => {
-            let t = std::fs::read_to_string(path).map_err(|e| {
-                anyhow::anyhow!("cannot read auth token file {}: {e}", path.display())
-            })?;
-            let t = t.trim().to_owned();
-            anyhow::ensure!(!t.is_empty(), "auth token file {} is empty", path.display());
-            Some(t)
-        }
+    let tokens = match &args.auth_token_file {
+        Some(path) => Some(Arc::new(grpc::tokens::TokenFile::load(path)?)),
         None => None,
     };
+    let tls = args.tls.files().map(|f| f.load()).transpose()?;
     let mut cfg = NodeConfig::new(args.data.clone());
     cfg.chunk_size = usize::try_from(args.chunk_size).unwrap_or(usize::MAX);
     cfg.gc_grace = args.gc_grace;
@@ -246,11 +242,16 @@ pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
         let opts = grpc::ServeOptions {
             grpc_addr: args.grpc_addr,
             p2p_addr: node.cluster().advertised_addr().to_owned(),
-            auth_token: token,
+            auth: tokens.clone(),
+            tls,
             addr_file: args.addr_file,
             shutdown_grace: args.shutdown_grace,
             limits,
         };
+        if let Some(file) = &tokens {
+            grpc::tokens::log_loaded(&file.tokens(), file.path(), "auth tokens loaded");
+        }
+        grpc::tokens::reload_on_sighup(tokens);
         let shutdown = async move {
             shutdown_signal().await;
             let _ = stop_tx.send(true);

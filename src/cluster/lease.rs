@@ -189,16 +189,7 @@ impl Cluster {
                 leases: vec![lease.grant()],
             })),
         };
-        let reply = pool
-            .request(&addr, msg, None)
-            .await
-            .map_err(|e| ClusterError::Unreachable(e.to_string()))?;
-        if reply.peer.node_id != member {
-            return Err(ClusterError::WrongNode {
-                member: member.to_owned(),
-                answered: reply.peer.node_id,
-            });
-        }
+        let reply = super::ask_member(pool, member, &addr, msg, None).await?;
         match reply.msg.kind {
             Some(Kind::RenewLeasesReply(_)) => Ok(()),
             _ => Err(ClusterError::Internal(
@@ -296,10 +287,9 @@ impl Cluster {
                 verify,
             })),
         };
-        let reply = pool.request(&addr, msg, None).await.ok()?;
-        if reply.peer.node_id != member {
-            return None;
-        }
+        let reply = super::ask_member(pool, member, &addr, msg, None)
+            .await
+            .ok()?;
         match reply.msg.kind {
             Some(Kind::HasChunksReply(r)) if r.present.len() == ids.len() => Some(r.present),
             _ => None,

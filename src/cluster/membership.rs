@@ -433,12 +433,28 @@ mod tests {
 
     #[test]
     fn silent_members_go_down_and_come_back() {
-        let m = Membership::load("me", Duration::from_millis(50), None);
+        let dead_after = Duration::from_millis(200);
+        let m = Membership::load("me", dead_after, None);
         assert_eq!(heard(&m, "a", "127.0.0.1:1"), Change::Joined);
+        let last = Instant::now();
         assert_eq!(heard(&m, "a", "127.0.0.1:1"), Change::None);
-        assert!(m.expire().is_empty());
-        std::thread::sleep(Duration::from_millis(80));
-        assert_eq!(m.expire(), vec!["a".to_string()]);
+        // Polled: "a" goes down, and not before it was silent for dead_after.
+        let deadline = last + Duration::from_secs(10);
+        loop {
+            let checked = Instant::now();
+            let expired = m.expire();
+            if !expired.is_empty() {
+                assert_eq!(expired, vec!["a".to_string()]);
+                assert!(
+                    last.elapsed() >= dead_after,
+                    "down after {:?}",
+                    last.elapsed()
+                );
+                break;
+            }
+            assert!(checked < deadline, "still up after {:?}", last.elapsed());
+            std::thread::sleep(Duration::from_millis(10));
+        }
         assert_eq!(m.live_ids(), vec!["me".to_string()]);
         assert_eq!(
             m.size(),

@@ -556,16 +556,7 @@ impl ChunkWriter {
                 lease,
             })),
         };
-        let reply = pool
-            .request(addr, msg, Some(sealed))
-            .await
-            .map_err(|e| ClusterError::Unreachable(e.to_string()))?;
-        if reply.peer.node_id != member {
-            return Err(ClusterError::WrongNode {
-                member: member.to_owned(),
-                answered: reply.peer.node_id,
-            });
-        }
+        let reply = ask_member(pool, member, addr, msg, Some(sealed)).await?;
         match reply.msg.kind {
             Some(Kind::PutChunkReply(r)) if r.stored => Ok(()),
             Some(Kind::Error(e)) if e.code == code::RESOURCE_EXHAUSTED => {
@@ -577,6 +568,30 @@ impl ChunkWriter {
             )),
         }
     }
+}
+
+/// Sends a request to `member` at `addr` and returns the reply only if the
+/// peer that answered proved to be `member`: nothing another node says at
+/// a member's address counts for that member (a node replaced on the same
+/// address, say).
+pub(super) async fn ask_member(
+    pool: &PeerPool,
+    member: &str,
+    addr: &str,
+    msg: PeerMessage,
+    body: Option<Bytes>,
+) -> Result<p2p::Reply, ClusterError> {
+    let reply = pool
+        .request(addr, msg, body)
+        .await
+        .map_err(|e| ClusterError::Unreachable(e.to_string()))?;
+    if reply.peer.node_id != member {
+        return Err(ClusterError::WrongNode {
+            member: member.to_owned(),
+            answered: reply.peer.node_id,
+        });
+    }
+    Ok(reply)
 }
 
 /// `google.rpc.Code` values carried in `PeerError.code`.

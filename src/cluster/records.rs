@@ -61,16 +61,7 @@ impl Cluster {
                 records: vec![record.header_form(self.index.inline_limit())],
             })),
         };
-        let reply = pool
-            .request(addr, msg, None)
-            .await
-            .map_err(|e| ClusterError::Unreachable(e.to_string()))?;
-        if reply.peer.node_id != member {
-            return Err(ClusterError::WrongNode {
-                member: member.to_owned(),
-                answered: reply.peer.node_id,
-            });
-        }
+        let reply = super::ask_member(pool, member, addr, msg, None).await?;
         let outcome = match reply.msg.kind {
             Some(Kind::IndexUpdateReply(r)) => r.outcomes.first().copied(),
             Some(Kind::Error(e)) => return Err(ClusterError::Internal(e.message)),

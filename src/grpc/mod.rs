@@ -11,13 +11,15 @@ pub mod conn;
 mod download;
 pub mod limits;
 mod storage;
+pub mod tls;
+pub mod tokens;
 
 use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
 use tonic::{Code, Status};
 
-pub use auth::BearerAuth;
+pub use auth::AuthLayer;
 pub use cluster::{ClusterService, peak_rss_bytes, peak_rss_of};
 pub use storage::StorageService;
 
@@ -98,8 +100,10 @@ pub struct ServeOptions {
     pub grpc_addr: String,
     /// Shown in Cluster.Status as this node's peer address.
     pub p2p_addr: String,
-    /// Bearer token required on Storage and Cluster calls.
-    pub auth_token: Option<String>,
+    /// Bearer tokens and their roles (none: every call is allowed).
+    pub auth: Option<Arc<tokens::TokenFile>>,
+    /// TLS on the API port (none: plaintext).
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
     /// File to write the bound gRPC address to once listening.
     pub addr_file: Option<PathBuf>,
     /// How long in-flight requests may run after shutdown begins.
@@ -166,7 +170,6 @@ pub async fn serve(
         .await;
 
     let (reflection_v1, reflection_v1alpha) = reflection()?;
-    let auth = BearerAuth::new(opts.auth_token.clone());
     let lim = &opts.limits;
     let storage = StorageServer::new(StorageService::new(node.clone(), lim.idle_timeout))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -206,27 +209,24 @@ pub async fn serve(
         let _ = drain_tx.send(());
     });
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
+    let server = tls::apply(tonic::transport::Server::builder(), opts.tls.clone())?
         .initial_stream_window_size(SERVER_STREAM_WINDOW_BYTES)
         .initial_connection_window_size(server_connection_window(lim.max_streams_per_connection))
         .max_concurrent_streams(lim.max_streams_per_connection)
         .max_frame_size(SERVER_MAX_FRAME_BYTES)
         .http2_keepalive_interval(Some(lim.keepalive_interval))
         .http2_keepalive_timeout(Some(lim.keepalive_timeout))
-        // Outermost, so calls the auth interceptor refuses (and shed calls)
-        // are counted too.
+        // Outermost, so calls the auth layer refuses (and shed calls) are
+        // counted too. A refused call holds its call slot only while the
+        // token is checked.
         .layer(crate::metrics::GrpcMetricsLayer::new(known_methods()))
         .layer(limits::CallLimitsLayer::new(call_limits))
+        .layer(AuthLayer::new(opts.auth.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            storage,
-            auth.clone(),
-        ))
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            cluster, auth,
-        ))
+        .add_service(storage)
+        .add_service(cluster)
         .serve_with_incoming_shutdown(connections.incoming(listener), async move {
             let _ = drain_rx.await;
             let _ = drained_tx.send(());
@@ -235,7 +235,10 @@ pub async fn serve(
     if let Some(path) = &opts.addr_file {
         write_addr_file(path, &local.to_string())?;
     }
-    tracing::info!(grpc = %local, node_id = %node.id(), "dfs node serving");
+    if let Some(warning) = tls::exposure_warning(local, opts.tls.is_some()) {
+        tracing::warn!("{warning}");
+    }
+    tracing::info!(grpc = %local, node_id = %node.id(), tls = opts.tls.is_some(), "dfs node serving");
 
     let grace = opts.shutdown_grace;
     tokio::pin!(server);

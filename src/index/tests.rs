@@ -135,15 +135,33 @@ fn sync_pages_include_tombstones_and_refs_list_live_chunks() {
 
 #[test]
 fn repair_queue_persists_attempts_and_due_times() {
-    let (_d, index) = open();
-    let id = ChunkId([9; 20]);
-    assert_eq!(index.queue_repair(&id, |_| 100).unwrap(), 1);
-    assert_eq!(index.queue_repair(&id, |n| 100 * n as u64).unwrap(), 2);
-    assert!(index.due_repairs(199, 10).unwrap().is_empty());
-    assert_eq!(index.due_repairs(200, 10).unwrap(), vec![id]);
-    assert_eq!(index.repair_queue_len().unwrap(), 1);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("index.redb");
+    let (id, other) = (ChunkId([9; 20]), ChunkId([8; 20]));
+    {
+        let index = Index::open(&path).unwrap();
+        assert_eq!(index.queue_repair(&id, |_| 100).unwrap(), 1);
+        assert_eq!(index.queue_repair(&id, |n| 100 * n as u64).unwrap(), 2);
+        assert_eq!(index.queue_repair(&other, |_| 50).unwrap(), 1);
+    }
+    // Attempts and due times survive a restart.
+    let index = Index::open(&path).unwrap();
+    assert_eq!(index.repair_queue_len().unwrap(), 2);
+    assert_eq!(index.due_repairs(49, 10).unwrap(), vec![]);
+    assert_eq!(index.due_repairs(199, 10).unwrap(), vec![other]);
+    assert_eq!(index.due_repairs(200, 10).unwrap(), vec![other, id]);
+    assert_eq!(index.due_repairs(200, 1).unwrap().len(), 1, "limit");
+    assert_eq!(
+        index.queue_repair(&id, |n| 1000 * n as u64).unwrap(),
+        3,
+        "the attempt count continues after the restart"
+    );
+    assert_eq!(index.due_repairs(2999, 10).unwrap(), vec![other]);
     index.repair_done(&[id]).unwrap();
-    assert_eq!(index.repair_queue_len().unwrap(), 0);
+    drop(index);
+    let index = Index::open(&path).unwrap();
+    assert_eq!(index.repair_queue_len().unwrap(), 1, "done survives too");
+    assert_eq!(index.due_repairs(u64::MAX, 10).unwrap(), vec![other]);
 }
 
 #[test]

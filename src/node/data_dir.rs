@@ -21,15 +21,7 @@ pub fn open_locked(dir: &Path) -> Result<fs::File, NodeError> {
     let internal = |what: &str, e: std::io::Error| {
         NodeError::Internal(format!("{what} {}: {e}", dir.display()))
     };
-    match fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-    {
-        Ok(()) => {}
-        Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(internal("create", e)),
-    }
+    create_durably(dir).map_err(|e| internal("create", e))?;
     let mode = fs::metadata(dir)
         .map_err(|e| internal("stat", e))?
         .permissions()
@@ -53,6 +45,31 @@ pub fn open_locked(dir: &Path) -> Result<fs::File, NodeError> {
         ))),
         Err(fs::TryLockError::Error(e)) => Err(internal("lock", e)),
     }
+}
+
+/// Creates `dir` (mode 0700) and its missing parents, and fsyncs the parent
+/// of each one created, so that a crash cannot lose the data directory
+/// itself after a write in it was acknowledged.
+fn create_durably(dir: &Path) -> std::io::Result<()> {
+    let mut missing = Vec::new();
+    let mut next = Some(dir);
+    while let Some(d) = next.filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        missing.push(d.to_owned());
+        next = d.parent();
+    }
+    match fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+    {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    for created in missing {
+        crate::fsutil::sync_parent(&created)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

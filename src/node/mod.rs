@@ -156,6 +156,11 @@ impl Node {
                 keys.fingerprint()
             )));
         }
+        // The entries made above (node.key, cluster.key, chunks/,
+        // index.redb) must be durable before any acknowledgement depends
+        // on them.
+        crate::fsutil::sync_dir(dir)
+            .map_err(|e| NodeError::Internal(format!("sync {}: {e}", dir.display())))?;
         let lease_ttl = crate::chunks::lease::ttl_for(cfg.gc_grace);
         let chunks = Arc::new(Chunks::new(
             store,
@@ -173,6 +178,9 @@ impl Node {
             index.clone(),
             Some(dir.join("members")),
         ));
+        if cluster.standalone() {
+            chunks.leases().skip_quiet_period();
+        }
         let budget = BufferBudget::new(cfg.buffer_budget, cfg.chunk_size, cfg.budget_wait);
         let reserve = cfg.chunk_size + crate::crypto::HEADER_LEN;
         let peer_bodies = body_budget::PeerBodyBudget::new(budget.clone(), reserve);

@@ -132,6 +132,11 @@ impl TestCluster {
             .collect()
     }
 
+    /// Where node `i` keeps chunk `id`.
+    pub fn chunk_file(&self, i: usize, id: &ChunkId) -> PathBuf {
+        chunk_path(&self.nodes[i].data_dir(), id)
+    }
+
     /// Waits until every chunk of `data` has exactly `want` copies.
     pub async fn wait_copies(&self, data: &[u8], want: usize, timeout: Duration) {
         let deadline = tokio::time::Instant::now() + timeout;
@@ -149,6 +154,16 @@ impl TestCluster {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+}
+
+/// How many peers `node` sees up.
+pub async fn members_up(node: &TestNode) -> usize {
+    node.status()
+        .await
+        .members
+        .iter()
+        .filter(|m| m.state == "up")
+        .count()
 }
 
 pub async fn put(node: &TestNode, key: &str, data: &[u8]) {

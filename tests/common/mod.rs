@@ -5,6 +5,23 @@
 //! Every test binary includes this module and uses part of it.
 #![allow(dead_code)]
 
+pub mod cluster;
+pub mod damage;
+pub mod metrics;
+pub mod peer;
+pub mod rpc;
+pub mod slow;
+pub mod strace;
+
+#[allow(unused_imports)]
+pub use cluster::{FAST, TestCluster, get, put};
+#[allow(unused_imports)]
+pub use damage::{Damage, damage_file};
+#[allow(unused_imports)]
+pub use rpc::*;
+#[allow(unused_imports)]
+pub use slow::SlowUpload;
+
 use std::{
     fs,
     path::{Path, PathBuf},
@@ -12,14 +29,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
-use dfs::proto::{
-    DownloadRequest, ObjectInfo, StatRequest, UploadHeader, UploadRequest,
-    cluster_client::ClusterClient, download_request, download_response, stat_request,
-    storage_client::StorageClient, upload_request,
-};
+use dfs::proto::{cluster_client::ClusterClient, storage_client::StorageClient};
 use sha1::{Digest, Sha1};
-use tonic::{Code, Status, transport::Channel};
+use tonic::transport::Channel;
 use tonic_health::pb::health_client::HealthClient;
 
 /// The chunk size every test node runs with: small, so a few hundred KiB
@@ -41,6 +53,8 @@ pub struct TestNode {
     root: tempfile::TempDir,
     extra: Vec<String>,
     env: Vec<(String, String)>,
+    /// A command the node runs under (`strace ... --`), if any.
+    wrapper: Vec<String>,
     child: Option<Child>,
     addr: Option<String>,
 }
@@ -57,6 +71,7 @@ impl TestNode {
             root,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             env: Vec::new(),
+            wrapper: Vec::new(),
             child: None,
             addr: None,
         }
@@ -81,6 +96,33 @@ impl TestNode {
         self.set_env("LD_PRELOAD", &lib);
         self.set_env("FAKETIME", offset);
         self.set_env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    }
+
+    /// Writes a cluster key file (made from `seed`) next to the data
+    /// directory and passes it with `--cluster-key-file`. Returns its path.
+    pub fn use_key_file(&mut self, seed: u64) -> PathBuf {
+        let path = write_key_file(&self.root.path().join("cluster.key"), seed);
+        self.add_args(&[
+            "--cluster-key-file",
+            path.to_str().expect("utf-8 temp path"),
+        ]);
+        path
+    }
+
+    /// Writes `token` to a file next to the data directory and passes it with
+    /// `--auth-token-file`. Returns its path.
+    pub fn use_token(&mut self, token: &str) -> PathBuf {
+        let path = self.root.path().join("token");
+        fs::write(&path, format!("{token}\n")).expect("write token file");
+        self.add_args(&["--auth-token-file", path.to_str().expect("utf-8 temp path")]);
+        path
+    }
+
+    /// Runs the node under `wrapper` (a command ending in `--`, such as
+    /// `strace -o FILE --`) from the next launch on. The wrapper must run the
+    /// node as its only child and exit when the node does.
+    pub fn set_wrapper(&mut self, wrapper: &[&str]) {
+        self.wrapper = wrapper.iter().map(|s| s.to_string()).collect();
     }
 
     /// Replaces the extra flags for the next launch.
@@ -111,9 +153,39 @@ impl TestNode {
         self.addr.as_deref().expect("node is not running")
     }
 
-    /// The process id of the running node.
+    /// The process id of the running node (under a wrapper: the wrapper's
+    /// child, once it has started it).
     pub fn pid(&self) -> i32 {
-        self.child.as_ref().expect("node is not running").id() as i32
+        let child = self.child.as_ref().expect("node is not running").id();
+        if self.wrapper.is_empty() {
+            return child as i32;
+        }
+        self.wrapped_pid()
+            .unwrap_or_else(|| panic!("the wrapper {:?} has no child process", self.wrapper))
+    }
+
+    /// The wrapper's child, if there is a wrapper and it has one.
+    fn wrapped_pid(&self) -> Option<i32> {
+        let child = self.child.as_ref()?.id();
+        if self.wrapper.is_empty() {
+            return None;
+        }
+        let children = fs::read_to_string(format!("/proc/{child}/task/{child}/children")).ok()?;
+        children.split_whitespace().next()?.parse().ok()
+    }
+
+    /// Kills the node process itself with SIGKILL (under a wrapper, which
+    /// would otherwise leave it running when killed itself).
+    fn kill_node_process(&mut self) {
+        if let Some(pid) = self.wrapped_pid() {
+            // SAFETY: kill(2) on the wrapper's child, which it has not reaped.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill(); // SIGKILL on Unix
+            let _ = child.wait();
+        }
+        self.child = None;
     }
 
     /// Everything the node processes of this test wrote to stderr.
@@ -143,7 +215,15 @@ impl TestNode {
         } else {
             &["--p2p-addr", "127.0.0.1:0"]
         };
-        let child = Command::new(dfs_bin())
+        let mut command = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(dfs_bin());
+                c
+            }
+            None => Command::new(dfs_bin()),
+        };
+        let child = command
             .arg("node")
             .arg("--data")
             .arg(self.data_dir())
@@ -208,20 +288,19 @@ impl TestNode {
 
     /// Kills the node with SIGKILL (no chance to clean up) and reaps it.
     pub fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill(); // SIGKILL on Unix
-            let _ = child.wait();
-        }
+        self.kill_node_process();
         self.addr = None;
     }
 
     /// Sends SIGTERM and waits (up to `timeout`) for the process to exit.
     /// Panics if it does not exit in time (after killing it).
     pub async fn sigterm_within(&mut self, timeout: Duration) -> ExitStatus {
+        let pid = self.pid();
         let mut child = self.child.take().expect("node is not running");
         self.addr = None;
-        // SAFETY: kill(2) with a pid we spawned and have not reaped yet.
-        let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        // SAFETY: kill(2) with a pid we (or our wrapper) spawned and have not
+        // reaped yet.
+        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
         assert_eq!(rc, 0, "kill(SIGTERM) failed");
         let deadline = Instant::now() + timeout;
         loop {
@@ -229,10 +308,48 @@ impl TestNode {
                 return status;
             }
             if Instant::now() >= deadline {
+                // SAFETY: as above; the node may be a wrapper's child.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
                 let _ = child.kill();
                 let _ = child.wait();
                 panic!(
                     "dfs node did not exit within {timeout:?} of SIGTERM; log:\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Whether the node process is still running (not exited).
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Sends `signal` to the node without waiting for anything.
+    pub fn signal(&self, signal: i32) {
+        let pid = self.pid();
+        // SAFETY: kill(2) on a process we (or our wrapper) spawned and have
+        // not reaped.
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(rc, 0, "kill({pid}, {signal}) failed");
+    }
+
+    /// Waits (up to `timeout`) for the node to exit on its own; returns its
+    /// status. Panics (after killing it) if it does not.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut().expect("node is not running");
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                self.addr = None;
+                return status;
+            }
+            if Instant::now() >= deadline {
+                self.kill_node_process();
+                panic!(
+                    "dfs node did not exit within {timeout:?}; log:\n{}",
                     self.log()
                 );
             }
@@ -315,12 +432,15 @@ impl TestNode {
     }
 
     /// Asserts the node still works end to end: health SERVING and a small
-    /// upload and download round trip.
+    /// upload and download round trip, under a key and with bytes no earlier
+    /// probe in this process used (a probe that re-uploads the same key and
+    /// bytes could be served by a dedup hit and an old record).
     pub async fn assert_healthy(&self) {
         assert!(self.is_serving().await, "health is not SERVING");
         let mut storage = self.storage().await;
-        let key = format!("health-probe-{}", Instant::now().elapsed().as_nanos());
-        let data = pseudo_random(99, 1000);
+        let n = unique_number();
+        let key = format!("health-probe-{}-{n}", std::process::id());
+        let data = pseudo_random(n, 1000);
         upload(&mut storage, &key, &data, 333)
             .await
             .expect("probe upload");
@@ -333,10 +453,7 @@ impl TestNode {
 
 impl Drop for TestNode {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.kill_node_process();
         if std::thread::panicking() {
             let log = self.log();
             let tail: Vec<&str> = log.lines().rev().take(40).collect();
@@ -396,6 +513,17 @@ pub fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// A number no earlier call in this test process returned.
+pub fn unique_number() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        + 1_000_000
+            * std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+}
+
 /// Deterministic test data (splitmix64), different for each seed.
 pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
@@ -449,156 +577,44 @@ where
     }
 }
 
-/// A header message.
-pub fn header_msg(key: &str) -> UploadRequest {
-    header_msg_with(UploadHeader {
-        key: key.to_owned(),
-        ..Default::default()
-    })
-}
-
-/// A header message from a full header.
-pub fn header_msg_with(header: UploadHeader) -> UploadRequest {
-    UploadRequest {
-        msg: Some(upload_request::Msg::Header(header)),
-    }
-}
-
-/// A data message.
-pub fn data_msg(bytes: &[u8]) -> UploadRequest {
-    UploadRequest {
-        msg: Some(upload_request::Msg::Data(Bytes::copy_from_slice(bytes))),
-    }
-}
-
-/// A header then `data` cut into messages of `msg_size` bytes.
-pub fn upload_messages(header: UploadHeader, data: &[u8], msg_size: usize) -> Vec<UploadRequest> {
-    let mut msgs = vec![header_msg_with(header)];
-    msgs.extend(data.chunks(msg_size.max(1)).map(data_msg));
-    msgs
-}
-
-/// Sends exactly `msgs` as one Upload call.
-pub async fn upload_raw(
-    storage: &mut StorageClient<Channel>,
-    msgs: Vec<UploadRequest>,
-) -> Result<ObjectInfo, Status> {
-    let resp = storage.upload(tokio_stream::iter(msgs)).await?;
-    resp.into_inner()
-        .object
-        .ok_or_else(|| Status::internal("no object info in the response"))
-}
-
-/// Uploads `data` under `key` in messages of `msg_size` bytes.
-pub async fn upload(
-    storage: &mut StorageClient<Channel>,
-    key: &str,
-    data: &[u8],
-    msg_size: usize,
-) -> Result<ObjectInfo, Status> {
-    let header = UploadHeader {
-        key: key.to_owned(),
-        ..Default::default()
-    };
-    upload_raw(storage, upload_messages(header, data, msg_size)).await
-}
-
-/// A download request by key with a range.
-pub fn key_request(key: &str, offset: u64, length: u64) -> DownloadRequest {
-    DownloadRequest {
-        target: Some(download_request::Target::Key(key.to_owned())),
-        offset,
-        length,
-    }
-}
-
-/// A download request by whole-file SHA-1.
-pub fn sha1_request(sha1: &str) -> DownloadRequest {
-    DownloadRequest {
-        target: Some(download_request::Target::Sha1(sha1.to_owned())),
-        offset: 0,
-        length: 0,
-    }
-}
-
-/// What a download delivered before it ended, and how it ended.
-pub struct Delivered {
-    pub info: Option<ObjectInfo>,
-    pub bytes: Vec<u8>,
-    pub end: Result<(), Status>,
-}
-
-/// Downloads, keeping whatever arrived even if the stream fails midway.
-/// Checks that the first message (and only it) is the object info.
-pub async fn download_partial(
-    storage: &mut StorageClient<Channel>,
-    req: DownloadRequest,
-) -> Delivered {
-    let mut out = Delivered {
-        info: None,
-        bytes: Vec::new(),
-        end: Ok(()),
-    };
-    let mut stream = match storage.download(req).await {
-        Ok(r) => r.into_inner(),
-        Err(s) => {
-            out.end = Err(s);
-            return out;
-        }
-    };
+/// Polls the async condition `cond` every 50 ms until it holds; panics with
+/// `what` if `timeout` passes first.
+pub async fn poll_until(timeout: Duration, what: &str, mut cond: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
     loop {
-        match stream.message().await {
-            Ok(Some(m)) => match m.msg {
-                Some(download_response::Msg::Info(info)) => {
-                    assert!(out.info.is_none(), "second info message");
-                    out.info = Some(info);
-                }
-                Some(download_response::Msg::Data(data)) => {
-                    assert!(out.info.is_some(), "data before the info message");
-                    out.bytes.extend_from_slice(&data);
-                }
-                None => panic!("empty download message"),
-            },
-            Ok(None) => return out,
-            Err(s) => {
-                out.end = Err(s);
-                return out;
-            }
+        if cond().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs `dfs node` with `args`, which must make it refuse to start: asserts
+/// that it exits non-zero within 20 s, and returns what it wrote to stderr.
+/// Both listen addresses are loopback port 0 unless `args` set them, so a
+/// node that starts after all never takes a default port another test or
+/// program might be using (and is killed when the wait gives up).
+pub async fn refuse_to_start(args: &[&str]) -> String {
+    let mut full = vec!["node"];
+    for (flag, default) in [
+        ("--grpc-addr", "127.0.0.1:0"),
+        ("--p2p-addr", "127.0.0.1:0"),
+    ] {
+        if !args.contains(&flag) {
+            full.extend_from_slice(&[flag, default]);
         }
     }
-}
-
-/// Downloads a whole stream; any failure is the error.
-pub async fn download(
-    storage: &mut StorageClient<Channel>,
-    req: DownloadRequest,
-) -> Result<(ObjectInfo, Vec<u8>), Status> {
-    let d = download_partial(storage, req).await;
-    d.end?;
-    let info = d.info.ok_or_else(|| Status::internal("no info message"))?;
-    Ok((info, d.bytes))
-}
-
-/// Stat by key.
-pub async fn stat_key(
-    storage: &mut StorageClient<Channel>,
-    key: &str,
-) -> Result<ObjectInfo, Status> {
-    storage
-        .stat(StatRequest {
-            target: Some(stat_request::Target::Key(key.to_owned())),
-        })
+    full.extend_from_slice(args);
+    let out = tokio::time::timeout(Duration::from_secs(20), run_dfs(&full))
         .await
-        .map(|r| r.into_inner())
-}
-
-/// Asserts that `result` failed with `code`.
-#[track_caller]
-pub fn assert_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, what: &str) {
-    match result {
-        Ok(v) => panic!("{what}: expected {code:?}, got OK: {v:?}"),
-        Err(s) => assert_eq!(s.code(), code, "{what}: wrong status: {s:?}"),
-    }
+        .unwrap_or_else(|_| panic!("dfs {full:?} did not exit: it started instead of refusing"));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "dfs {full:?} exited successfully; stderr: {stderr}"
+    );
+    stderr
 }
 
 /// The node's chunk count as Cluster.Status reports it.
@@ -642,62 +658,6 @@ pub fn chunk_ids(key_file: &Path, data: &[u8]) -> Vec<dfs::crypto::ChunkId> {
 /// Where a node keeps a chunk: `<data>/chunks/ab/cd/<hex>`.
 pub fn chunk_path(data_dir: &Path, id: &dfs::crypto::ChunkId) -> PathBuf {
     data_dir.join("chunks").join(dfs::store::shard_path(id))
-}
-
-pub mod cluster;
-#[allow(unused_imports)]
-pub use cluster::{FAST, TestCluster, get, put};
-
-/// An upload the test drives message by message: it can pause for as long
-/// as it likes between messages, then finish or abandon the call.
-pub struct OpenUpload {
-    tx: Option<tokio::sync::mpsc::Sender<UploadRequest>>,
-    call: tokio::task::JoinHandle<Result<ObjectInfo, Status>>,
-}
-
-impl OpenUpload {
-    /// Starts an Upload of `key` on `node` and sends its header.
-    pub async fn start(node: &TestNode, key: &str) -> Self {
-        let mut storage = node.storage().await;
-        let (tx, rx) = tokio::sync::mpsc::channel::<UploadRequest>(1);
-        tx.send(header_msg(key)).await.expect("queue the header");
-        let call = tokio::spawn(async move {
-            let resp = storage
-                .upload(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await?;
-            resp.into_inner()
-                .object
-                .ok_or_else(|| Status::internal("no object info in the response"))
-        });
-        Self { tx: Some(tx), call }
-    }
-
-    /// Sends `data` in messages of at most 64 KiB; false if the call ended.
-    pub async fn send(&self, data: &[u8]) -> bool {
-        let tx = self.tx.as_ref().expect("upload already finished");
-        for part in data.chunks(64 * 1024) {
-            if tx.send(data_msg(part)).await.is_err() {
-                return false;
-            }
-        }
-        true
-    }
-
-    /// Ends the request stream and waits for the node's answer.
-    pub async fn finish(mut self) -> Result<ObjectInfo, Status> {
-        drop(self.tx.take());
-        tokio::time::timeout(Duration::from_secs(60), &mut self.call)
-            .await
-            .expect("the upload is answered within 60 s")
-            .expect("upload task")
-    }
-}
-
-/// Sends `sig` to the node's process (SIGSTOP to freeze it, SIGCONT to thaw).
-pub fn signal(node: &TestNode, sig: libc::c_int) {
-    // SAFETY: kill(2) on a child we spawned and have not reaped.
-    let rc = unsafe { libc::kill(node.pid(), sig) };
-    assert_eq!(rc, 0, "kill({sig}) failed");
 }
 
 /// A free loopback port (bound, then released), for a node that must come

@@ -7,12 +7,16 @@
 //
 //	c, err := dfs.Dial("127.0.0.1:7070", dfs.WithToken("secret"))
 //	if err != nil { ... }
+//	// Over TLS, with a client certificate for a node that requires one:
+//	c, err = dfs.Dial("dfs.example:50051", dfs.WithTLS("ca.pem", "client.pem", "client.key"))
 //	defer c.Close()
 //	info, err := c.Upload(ctx, "photos/cat.jpg", file)
 package dfs
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -77,11 +81,13 @@ func infoFromProto(p *dfsv1.ObjectInfo) *ObjectInfo {
 type Option func(*options)
 
 type options struct {
-	token     string
-	creds     credentials.TransportCredentials
-	chunkSize int
-	dialOpts  []grpc.DialOption
-	err       error
+	token      string
+	creds      credentials.TransportCredentials
+	tls        *tlsFiles
+	serverName string
+	chunkSize  int
+	dialOpts   []grpc.DialOption
+	err        error
 }
 
 // WithToken sends "authorization: Bearer <token>" with every call.
@@ -106,6 +112,49 @@ func WithTokenFile(path string) Option {
 // plaintext connection.
 func WithTransportCredentials(c credentials.TransportCredentials) Option {
 	return func(o *options) { o.creds = c }
+}
+
+// tlsFiles names the PEM files of WithTLS; they are read by Dial.
+type tlsFiles struct{ ca, cert, key string }
+
+// WithTLS connects over TLS. caFile holds the CA certificates that signed
+// the node's certificate (PEM; "" trusts the system's roots). certFile and
+// keyFile are a client certificate and its key (PEM; both "" for none), for
+// nodes started with --tls-client-ca-file. A file that cannot be read or
+// parsed makes Dial fail.
+func WithTLS(caFile, certFile, keyFile string) Option {
+	return func(o *options) { o.tls = &tlsFiles{ca: caFile, cert: certFile, key: keyFile} }
+}
+
+// WithServerName sets the name the node's certificate must hold, when it
+// differs from the host in the address (a port-forward to 127.0.0.1, say).
+func WithServerName(name string) Option {
+	return func(o *options) { o.serverName = name }
+}
+
+func (f *tlsFiles) config(serverName string) (*tls.Config, error) {
+	cfg := &tls.Config{MinVersion: tls.VersionTLS12, ServerName: serverName}
+	if f.ca != "" {
+		pem, err := os.ReadFile(f.ca)
+		if err != nil {
+			return nil, fmt.Errorf("dfs: reading CA file: %w", err)
+		}
+		cfg.RootCAs = x509.NewCertPool()
+		if !cfg.RootCAs.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("dfs: CA file %s holds no PEM certificate", f.ca)
+		}
+	}
+	if (f.cert == "") != (f.key == "") {
+		return nil, errors.New("dfs: WithTLS needs both a client certificate and its key, or neither")
+	}
+	if f.cert != "" {
+		pair, err := tls.LoadX509KeyPair(f.cert, f.key)
+		if err != nil {
+			return nil, fmt.Errorf("dfs: loading client certificate: %w", err)
+		}
+		cfg.Certificates = []tls.Certificate{pair}
+	}
+	return cfg, nil
 }
 
 // WithChunkSize sets the size of upload data messages (1..MaxChunkSize).
@@ -151,6 +200,20 @@ func Dial(addr string, opts ...Option) (*Client, error) {
 	}
 	if o.err != nil {
 		return nil, o.err
+	}
+	if o.tls != nil || o.serverName != "" {
+		if o.creds != nil {
+			return nil, errors.New("dfs: WithTLS and WithTransportCredentials exclude each other")
+		}
+		files := o.tls
+		if files == nil {
+			files = &tlsFiles{}
+		}
+		cfg, err := files.config(o.serverName)
+		if err != nil {
+			return nil, err
+		}
+		o.creds = credentials.NewTLS(cfg)
 	}
 	secure := o.creds != nil
 	if o.creds == nil {
@@ -368,4 +431,11 @@ func (c *Client) Delete(ctx context.Context, key string) error {
 // Status reports the node's view of itself and the cluster.
 func (c *Client) Status(ctx context.Context) (*dfsv1.StatusResponse, error) {
 	return c.cluster.Status(ctx, &dfsv1.StatusRequest{})
+}
+
+// ForgetMember removes a dead member from the cluster for good. It is an
+// admin call: on a node that checks tokens it needs a token with role admin.
+func (c *Client) ForgetMember(ctx context.Context, nodeID string) error {
+	_, err := c.cluster.ForgetMember(ctx, &dfsv1.ForgetMemberRequest{NodeId: nodeID})
+	return err
 }

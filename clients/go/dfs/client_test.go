@@ -1,8 +1,12 @@
 package dfs_test
 
-// These tests run against a live node. clients/run-tests.sh starts one and
+// These tests run against live nodes. clients/run-tests.sh starts them and
 // sets DFS_TEST_ADDR (a node without auth), DFS_TEST_AUTH_ADDR (a node that
-// requires a bearer token) and DFS_TEST_TOKEN (the file holding that token).
+// requires a bearer token), DFS_TEST_TOKEN (the file holding that token) and
+// DFS_TEST_DAMAGE_ADDR/DFS_TEST_DAMAGE_DATA (a node whose chunk files a test
+// damages, and its data directory). When it also sets DFS_TEST_CA_FILE (and
+// DFS_TEST_CERT_FILE and DFS_TEST_KEY_FILE), the nodes speak TLS (mutual
+// TLS) and every test dials them that way.
 
 import (
 	"bytes"
@@ -36,9 +40,19 @@ func testAddr(t *testing.T, env string) string {
 	return addr
 }
 
+// transportOpts is how this run reaches its nodes: TLS when
+// clients/run-tests.sh says so, else plaintext.
+func transportOpts() []dfs.Option {
+	ca := os.Getenv("DFS_TEST_CA_FILE")
+	if ca == "" {
+		return nil
+	}
+	return []dfs.Option{dfs.WithTLS(ca, os.Getenv("DFS_TEST_CERT_FILE"), os.Getenv("DFS_TEST_KEY_FILE"))}
+}
+
 func dial(t *testing.T, addr string, opts ...dfs.Option) *dfs.Client {
 	t.Helper()
-	c, err := dfs.Dial(addr, opts...)
+	c, err := dfs.Dial(addr, append(transportOpts(), opts...)...)
 	if err != nil {
 		t.Fatalf("Dial(%s): %v", addr, err)
 	}
@@ -320,5 +334,88 @@ func TestFailedReadAbortsUpload(t *testing.T) {
 	}
 	if _, err := c.Stat(ctx, key); status.Code(err) != codes.NotFound {
 		t.Fatalf("a failed upload left an object behind: %v", err)
+	}
+}
+
+// chunkFiles lists the chunk files under a node's data directory.
+func chunkFiles(t *testing.T, dataDir string) map[string]bool {
+	t.Helper()
+	files := map[string]bool{}
+	err := filepath.WalkDir(filepath.Join(dataDir, "chunks"), func(p string, d os.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if !d.IsDir() {
+			files[p] = true
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return files
+}
+
+// uploadNewChunk uploads data under key and returns the one chunk file the
+// upload added to the node's disk.
+func uploadNewChunk(t *testing.T, c *dfs.Client, dataDir, key string, data []byte) string {
+	t.Helper()
+	before := chunkFiles(t, dataDir)
+	if _, err := c.Upload(testCtx(t), key, bytes.NewReader(data)); err != nil {
+		t.Fatalf("Upload(%s): %v", key, err)
+	}
+	var added []string
+	for f := range chunkFiles(t, dataDir) {
+		if !before[f] {
+			added = append(added, f)
+		}
+	}
+	if len(added) != 1 {
+		t.Fatalf("upload of %s added %d chunk files, want 1: %v", key, len(added), added)
+	}
+	return added[0]
+}
+
+// A chunk that fails verification in the middle of a download (a node with
+// no peers: DATA_LOSS after the first chunk's bytes were sent) must reach
+// the caller as an error, never as a short success.
+func TestErrorAfterDataHasStarted(t *testing.T) {
+	addr := testAddr(t, "DFS_TEST_DAMAGE_ADDR")
+	dataDir := os.Getenv("DFS_TEST_DAMAGE_DATA")
+	if dataDir == "" {
+		t.Fatal("DFS_TEST_DAMAGE_DATA is not set")
+	}
+	c := dial(t, addr)
+	const chunk = 1 << 20 // the node's --chunk-size
+	first := make([]byte, chunk)
+	second := make([]byte, chunk)
+	rand.Read(first)
+	rand.Read(second)
+	// The first chunk is stored by an object of its own, so the second
+	// object adds exactly one new chunk file: its second chunk.
+	uploadNewChunk(t, c, dataDir, keyPrefix+"midstream-head", first)
+	victim := uploadNewChunk(t, c, dataDir, keyPrefix+"midstream", append(append([]byte{}, first...), second...))
+	raw, err := os.ReadFile(victim)
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw[len(raw)/2] ^= 0x40
+	if err := os.WriteFile(victim, raw, 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	var got bytes.Buffer
+	info, err := c.Download(testCtx(t), keyPrefix+"midstream", &got)
+	if err == nil {
+		t.Fatalf("download with a damaged second chunk succeeded with %d bytes", got.Len())
+	}
+	if code := status.Code(err); code != codes.DataLoss {
+		t.Fatalf("error code %v, want DataLoss: %v", code, err)
+	}
+	if got.Len() != chunk || !bytes.Equal(got.Bytes(), first) {
+		t.Fatalf("before the error the writer got %d bytes, want the first chunk (%d): data had not started, or was wrong", got.Len(), chunk)
+	}
+	if info != nil && info.Size != 2*chunk {
+		t.Fatalf("info size %d", info.Size)
 	}
 }

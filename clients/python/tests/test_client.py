@@ -1,7 +1,11 @@
 """Tests against a live node, started by clients/run-tests.sh.
 
 Environment: DFS_TEST_ADDR (node without auth), DFS_TEST_AUTH_ADDR (node that
-requires a bearer token) and DFS_TEST_TOKEN (file holding that token).
+requires a bearer token), DFS_TEST_TOKEN (file holding that token) and
+DFS_TEST_DAMAGE_ADDR/DFS_TEST_DAMAGE_DATA (a node whose chunk files a test
+damages, and its data directory). With DFS_TEST_CA_FILE (and
+DFS_TEST_CERT_FILE, DFS_TEST_KEY_FILE) the nodes speak TLS (mutual TLS), and
+every client here connects that way (``**TRANSPORT``).
 """
 
 import hashlib
@@ -22,12 +26,19 @@ ADDR = os.environ.get("DFS_TEST_ADDR")
 AUTH_ADDR = os.environ.get("DFS_TEST_AUTH_ADDR")
 TOKEN_FILE = os.environ.get("DFS_TEST_TOKEN")
 
+#: How this run reaches its nodes: TLS when clients/run-tests.sh says so.
+TRANSPORT = {
+    name: os.environ[env]
+    for name, env in (("ca_file", "DFS_TEST_CA_FILE"), ("cert_file", "DFS_TEST_CERT_FILE"), ("key_file", "DFS_TEST_KEY_FILE"))
+    if os.environ.get(env)
+}
+
 needs_node = pytest.mark.skipif(not ADDR, reason="DFS_TEST_ADDR not set; run clients/run-tests.sh")
 
 
 @pytest.fixture
 def client():
-    with Client(ADDR, timeout=120) as c:
+    with Client(ADDR, timeout=120, **TRANSPORT) as c:
         yield c
 
 
@@ -192,17 +203,79 @@ def test_status(client):
 @pytest.mark.skipif(not (AUTH_ADDR and TOKEN_FILE), reason="DFS_TEST_AUTH_ADDR / DFS_TEST_TOKEN not set")
 def test_auth():
     key = PREFIX + "auth/hello.txt"
-    with Client(AUTH_ADDR, token_file=TOKEN_FILE, timeout=60) as good:
+    with Client(AUTH_ADDR, token_file=TOKEN_FILE, timeout=60, **TRANSPORT) as good:
         info = good.upload(key, io.BytesIO(b"hello, auth"))
         assert info.size == 11
         assert good.read(key) == b"hello, auth"
-        with Client(AUTH_ADDR, token="not-the-token", timeout=60) as wrong:
+        with Client(AUTH_ADDR, token="not-the-token", timeout=60, **TRANSPORT) as wrong:
             with pytest.raises(UnauthenticatedError) as e:
                 wrong.stat(key)
             assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
             with pytest.raises(UnauthenticatedError):
                 wrong.upload(key + ".2", io.BytesIO(b"x"))
-        with Client(AUTH_ADDR, timeout=60) as none:
+        with Client(AUTH_ADDR, timeout=60, **TRANSPORT) as none:
             with pytest.raises(UnauthenticatedError):
                 none.list(PREFIX)
         good.delete(key)
+
+
+DAMAGE_ADDR = os.environ.get("DFS_TEST_DAMAGE_ADDR")
+DAMAGE_DATA = os.environ.get("DFS_TEST_DAMAGE_DATA")
+CHUNK = 1 << 20  # the test nodes' --chunk-size
+
+
+def _chunk_files():
+    out = set()
+    for root, _, files in os.walk(os.path.join(DAMAGE_DATA, "chunks")):
+        out.update(os.path.join(root, f) for f in files)
+    return out
+
+
+def _upload_new_chunk(c, key, data):
+    """Uploads data and returns the one chunk file the upload added."""
+    before = _chunk_files()
+    c.upload(key, io.BytesIO(data))
+    added = _chunk_files() - before
+    assert len(added) == 1, f"upload of {key} added {sorted(added)}"
+    return added.pop()
+
+
+@pytest.fixture
+def damaged_object():
+    """An object of two chunks on a node with no peers whose second chunk
+    fails verification: a download sends the first chunk's bytes, then ends
+    with DATA_LOSS. Returns (key, first chunk)."""
+    if not DAMAGE_ADDR or not DAMAGE_DATA:
+        pytest.fail("DFS_TEST_DAMAGE_ADDR/DFS_TEST_DAMAGE_DATA not set; run clients/run-tests.sh")
+    first, second = os.urandom(CHUNK), os.urandom(CHUNK)
+    key = PREFIX + f"midstream-{time.time_ns()}"
+    with Client(DAMAGE_ADDR, timeout=120, **TRANSPORT) as c:
+        _upload_new_chunk(c, key + "-head", first)
+        victim = _upload_new_chunk(c, key, first + second)
+    with open(victim, "r+b") as f:
+        f.seek(os.path.getsize(victim) // 2)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 0x40]))
+    return key, first
+
+
+def test_an_error_after_data_has_started_reaches_the_caller(damaged_object, tmp_path):
+    key, first = damaged_object
+    with Client(DAMAGE_ADDR, timeout=120, **TRANSPORT) as c:
+        # Streaming: the first chunk arrives, then the error.
+        got = bytearray()
+        with pytest.raises(dfs_client.DataLossError):
+            with c.open_download(key) as d:
+                for piece in d:
+                    got += piece
+        assert bytes(got) == first, f"{len(got)} bytes before the error"
+        # To a path: an error, and no partial file left behind.
+        target = tmp_path / "out.bin"
+        with pytest.raises(dfs_client.DataLossError):
+            c.download(key, target)
+        assert not target.exists(), "a partial file was left"
+        assert list(tmp_path.iterdir()) == []
+        # Into memory.
+        with pytest.raises(dfs_client.DataLossError):
+            c.read(key)

@@ -2,7 +2,12 @@
 // gRPC transport for Node.
 
 import { createReadStream, createWriteStream, readFileSync } from "node:fs";
-import type { ClientHttp2Stream, ClientSessionRequestOptions, OutgoingHttpHeaders } from "node:http2";
+import type {
+  ClientHttp2Stream,
+  ClientSessionRequestOptions,
+  OutgoingHttpHeaders,
+  SecureClientSessionOptions,
+} from "node:http2";
 import { unlink } from "node:fs/promises";
 import { Readable, type Writable } from "node:stream";
 import { pipeline } from "node:stream/promises";
@@ -42,8 +47,8 @@ const RECEIVE_WINDOW = 8 * 1024 * 1024;
 class WideWindowSessionManager extends Http2SessionManager {
   private readonly widened = new WeakSet<object>();
 
-  constructor(baseUrl: string) {
-    super(baseUrl, undefined, { settings: { initialWindowSize: RECEIVE_WINDOW } });
+  constructor(baseUrl: string, tls: SecureClientSessionOptions = {}) {
+    super(baseUrl, undefined, { ...tls, settings: { initialWindowSize: RECEIVE_WINDOW } });
   }
 
   override async request(
@@ -102,6 +107,35 @@ export interface ClientOptions {
   chunkSize?: number;
   /** Extra interceptors for the transport. */
   interceptors?: Interceptor[];
+  /**
+   * TLS: the CA certificates (PEM file) that signed the node's certificate.
+   * Any TLS option (or an https:// address) turns TLS on; without caFile the
+   * system's roots are trusted.
+   */
+  caFile?: string;
+  /** Client certificate (PEM file) for a node that requires one (mutual TLS); needs keyFile. */
+  certFile?: string;
+  /** Private key (PEM file) of certFile. */
+  keyFile?: string;
+  /** The name the node's certificate must hold, when not the host in the address. */
+  serverName?: string;
+}
+
+/** The http2/TLS options of `options`, read from their files now so a missing file fails here. */
+function tlsOptions(options: ClientOptions): SecureClientSessionOptions | undefined {
+  const { caFile, certFile, keyFile, serverName } = options;
+  if (caFile === undefined && certFile === undefined && keyFile === undefined && serverName === undefined) {
+    return undefined;
+  }
+  if ((certFile === undefined) !== (keyFile === undefined)) {
+    throw new TypeError("certFile and keyFile go together");
+  }
+  return {
+    ...(caFile !== undefined && { ca: readFileSync(caFile) }),
+    ...(certFile !== undefined && { cert: readFileSync(certFile) }),
+    ...(keyFile !== undefined && { key: readFileSync(keyFile) }),
+    ...(serverName !== undefined && { servername: serverName }),
+  };
 }
 
 export interface UploadOptions {
@@ -145,9 +179,13 @@ export class DfsClient {
   private readonly sessions: Http2SessionManager;
   private readonly chunkSize: number;
 
-  /** @param address "host:port", or a base URL such as "http://host:port". */
+  /** @param address "host:port", or a base URL such as "http://host:port" or "https://host:port". */
   constructor(address: string, options: ClientOptions = {}) {
-    const baseUrl = /^https?:\/\//.test(address) ? address : `http://${address}`;
+    const tls = tlsOptions(options);
+    if (tls && address.startsWith("http://")) {
+      throw new TypeError(`address ${address} says http:// (plaintext) but TLS options are set`);
+    }
+    const baseUrl = /^https?:\/\//.test(address) ? address : `${tls ? "https" : "http"}://${address}`;
     const token =
       options.tokenFile !== undefined ? readFileSync(options.tokenFile, "utf8").trim() : options.token;
     const chunkSize = options.chunkSize ?? DEFAULT_CHUNK_SIZE;
@@ -163,7 +201,7 @@ export class DfsClient {
         return next(req);
       });
     }
-    this.sessions = new WideWindowSessionManager(baseUrl);
+    this.sessions = new WideWindowSessionManager(baseUrl, tls);
     const transport = createGrpcTransport({
       baseUrl,
       interceptors,
@@ -355,6 +393,14 @@ export class DfsClient {
   /** The node's view of itself and the cluster (the raw message). */
   async status(): Promise<StatusResponse> {
     return this.cluster.status({});
+  }
+
+  /**
+   * Removes a dead member from the cluster for good. An admin call: on a node
+   * that checks tokens it needs a token with role admin.
+   */
+  async forgetMember(nodeId: string): Promise<void> {
+    await this.cluster.forgetMember({ nodeId });
   }
 }
 

@@ -1,11 +1,13 @@
 // Tests against a live node, started by clients/run-tests.sh. Environment:
 // DFS_TEST_ADDR (node without auth), DFS_TEST_AUTH_ADDR (node that requires a
-// bearer token) and DFS_TEST_TOKEN (file holding that token).
+// bearer token) and DFS_TEST_TOKEN (file holding that token). With
+// DFS_TEST_CA_FILE (and DFS_TEST_CERT_FILE, DFS_TEST_KEY_FILE) both nodes
+// speak TLS (mutual TLS), and every client here connects that way (TRANSPORT).
 
 import assert from "node:assert/strict";
 import { createHash, randomBytes } from "node:crypto";
-import { createReadStream, createWriteStream, mkdtempSync, rmSync } from "node:fs";
-import { readFile, stat } from "node:fs/promises";
+import { createReadStream, createWriteStream, mkdtempSync, readdirSync, rmSync } from "node:fs";
+import { readFile, readdir, stat, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Readable, Writable } from "node:stream";
@@ -18,6 +20,12 @@ const PREFIX = `ts-test/${process.hrtime.bigint()}/`;
 const ADDR = process.env.DFS_TEST_ADDR;
 const AUTH_ADDR = process.env.DFS_TEST_AUTH_ADDR;
 const TOKEN_FILE = process.env.DFS_TEST_TOKEN;
+/** How this run reaches its nodes: TLS when clients/run-tests.sh says so. */
+const TRANSPORT = {
+  ...(process.env.DFS_TEST_CA_FILE && { caFile: process.env.DFS_TEST_CA_FILE }),
+  ...(process.env.DFS_TEST_CERT_FILE && { certFile: process.env.DFS_TEST_CERT_FILE }),
+  ...(process.env.DFS_TEST_KEY_FILE && { keyFile: process.env.DFS_TEST_KEY_FILE }),
+};
 
 function sha1Hex(data: Uint8Array): string {
   return createHash("sha1").update(data).digest("hex");
@@ -58,7 +66,7 @@ describe("dfs client", { skip: !ADDR && "DFS_TEST_ADDR not set; run clients/run-
   let bigSha1: string;
 
   before(async () => {
-    client = new DfsClient(ADDR!, { timeoutMs: 120_000 });
+    client = new DfsClient(ADDR!, { timeoutMs: 120_000, ...TRANSPORT });
     dir = mkdtempSync(join(tmpdir(), "dfs-ts-test-"));
     bigPath = join(dir, "random.bin");
     bigSha1 = await writeRandomFile(bigPath, FILE_SIZE);
@@ -199,9 +207,9 @@ describe("dfs client", { skip: !ADDR && "DFS_TEST_ADDR not set; run clients/run-
 
 describe("auth", { skip: !(AUTH_ADDR && TOKEN_FILE) && "DFS_TEST_AUTH_ADDR / DFS_TEST_TOKEN not set" }, () => {
   test("right token works, wrong or missing token is UNAUTHENTICATED", async () => {
-    const good = new DfsClient(AUTH_ADDR!, { tokenFile: TOKEN_FILE, timeoutMs: 60_000 });
-    const wrong = new DfsClient(AUTH_ADDR!, { token: "not-the-token", timeoutMs: 60_000 });
-    const none = new DfsClient(AUTH_ADDR!, { timeoutMs: 60_000 });
+    const good = new DfsClient(AUTH_ADDR!, { tokenFile: TOKEN_FILE, timeoutMs: 60_000, ...TRANSPORT });
+    const wrong = new DfsClient(AUTH_ADDR!, { token: "not-the-token", timeoutMs: 60_000, ...TRANSPORT });
+    const none = new DfsClient(AUTH_ADDR!, { timeoutMs: 60_000, ...TRANSPORT });
     try {
       const key = PREFIX + "auth/hello.txt";
       const info = await good.upload(key, Readable.from([Buffer.from("hello, auth")]));
@@ -215,6 +223,59 @@ describe("auth", { skip: !(AUTH_ADDR && TOKEN_FILE) && "DFS_TEST_AUTH_ADDR / DFS
       good.close();
       wrong.close();
       none.close();
+    }
+  });
+
+  test("an error after data has started reaches the caller and leaves no file", async () => {
+    const damageAddr = process.env.DFS_TEST_DAMAGE_ADDR;
+    const damageData = process.env.DFS_TEST_DAMAGE_DATA;
+    assert.ok(damageAddr && damageData, "DFS_TEST_DAMAGE_ADDR/DFS_TEST_DAMAGE_DATA not set");
+    const chunk = 1 << 20; // the test nodes' --chunk-size
+    const chunkFiles = async (): Promise<Set<string>> =>
+      new Set(
+        (await readdir(join(damageData, "chunks"), { recursive: true, withFileTypes: true }))
+          .filter((e) => e.isFile())
+          .map((e) => join(e.parentPath, e.name)),
+      );
+    const c = new DfsClient(damageAddr, { timeoutMs: 120_000, ...TRANSPORT });
+    try {
+      // Upload the first chunk alone, so the two-chunk object adds exactly
+      // one chunk file: its second chunk, which is then damaged.
+      const uploadNew = async (key: string, data: Buffer): Promise<string> => {
+        const before = await chunkFiles();
+        await c.upload(key, Readable.from([data]));
+        const added = [...(await chunkFiles())].filter((f) => !before.has(f));
+        assert.equal(added.length, 1, `upload of ${key} added ${added}`);
+        return added[0];
+      };
+      const first = randomBytes(chunk);
+      const key = PREFIX + "midstream";
+      await uploadNew(key + "-head", first);
+      const victim = await uploadNew(key, Buffer.concat([first, randomBytes(chunk)]));
+      const raw = await readFile(victim);
+      raw[raw.length >> 1] ^= 0x40;
+      await writeFile(victim, raw);
+
+      // Streaming: the first chunk's bytes, then the error.
+      const got: Buffer[] = [];
+      await rejectsWith(
+        (async () => {
+          for await (const piece of await c.openDownload(key)) got.push(Buffer.from(piece));
+        })(),
+        Code.DataLoss,
+      );
+      assert.ok(Buffer.concat(got).equals(first), `${Buffer.concat(got).length} bytes before the error`);
+      // To a path: rejected, and no partial file left.
+      const out = mkdtempSync(join(tmpdir(), "dfs-ts-midstream-"));
+      try {
+        await rejectsWith(c.download(key, join(out, "out.bin")), Code.DataLoss);
+        assert.deepEqual(readdirSync(out), [], "a partial file was left");
+      } finally {
+        rmSync(out, { recursive: true, force: true });
+      }
+      await rejectsWith(c.read(key), Code.DataLoss);
+    } finally {
+      c.close();
     }
   });
 });

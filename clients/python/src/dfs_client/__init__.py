@@ -6,6 +6,10 @@
         info = c.upload("photos/cat.jpg", "cat.jpg")
         c.download("photos/cat.jpg", "copy.jpg")
 
+    # TLS, with a client certificate for a node that requires one:
+    Client("dfs.example:50051", token_file="token", ca_file="ca.pem",
+           cert_file="client.pem", key_file="client.key")
+
 The generated stubs are in ``dfs_client.v1`` (storage_pb2, storage_pb2_grpc,
 cluster_pb2, cluster_pb2_grpc).
 """
@@ -21,8 +25,10 @@ from .client import (
     NotFoundError,
     ObjectInfo,
     OutOfRangeError,
+    PermissionDeniedError,
     UnauthenticatedError,
     Version,
+    tls_credentials,
 )
 
 __all__ = [
@@ -36,6 +42,8 @@ __all__ = [
     "NotFoundError",
     "ObjectInfo",
     "OutOfRangeError",
+    "PermissionDeniedError",
     "UnauthenticatedError",
     "Version",
+    "tls_credentials",
 ]

@@ -55,12 +55,18 @@ class UnauthenticatedError(DfsError):
     """UNAUTHENTICATED: a missing or wrong bearer token."""
 
 
+class PermissionDeniedError(DfsError):
+    """PERMISSION_DENIED: the token's role does not allow the call (a read
+    token uploading, say); the message names the role needed."""
+
+
 _ERRORS = {
     grpc.StatusCode.NOT_FOUND: NotFoundError,
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
     grpc.StatusCode.DATA_LOSS: DataLossError,
     grpc.StatusCode.OUT_OF_RANGE: OutOfRangeError,
     grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
 }
 
 
@@ -146,12 +152,42 @@ class Download:
 # Client
 
 
+def _read(path: Optional[Union[str, "os.PathLike[str]"]]) -> Optional[bytes]:
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def tls_credentials(
+    ca_file: Optional[Union[str, "os.PathLike[str]"]] = None,
+    cert_file: Optional[Union[str, "os.PathLike[str]"]] = None,
+    key_file: Optional[Union[str, "os.PathLike[str]"]] = None,
+) -> grpc.ChannelCredentials:
+    """Channel credentials from PEM files: the CA that signed the node's
+    certificate (None: the system's roots) and, for mutual TLS, a client
+    certificate and its key. A file that cannot be read raises OSError."""
+    if (cert_file is None) != (key_file is None):
+        raise ValueError("give both cert_file and key_file, or neither")
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(ca_file),
+        private_key=_read(key_file),
+        certificate_chain=_read(cert_file),
+    )
+
+
 class Client:
     """A connection to one dfs node.
 
     >>> with Client("127.0.0.1:7070", token="secret") as c:
     ...     info = c.upload("photos/cat.jpg", "cat.jpg")
     ...     c.download("photos/cat.jpg", "copy.jpg")
+
+    TLS: ``ca_file`` (the CA that signed the node's certificate, PEM), and
+    ``cert_file``/``key_file`` for a node that requires a client certificate;
+    any of them turns TLS on (without ``ca_file`` the system's roots are
+    trusted). ``server_name`` overrides the name the certificate must hold.
+    ``credentials`` passes ready-made channel credentials instead.
     """
 
     def __init__(
@@ -161,6 +197,10 @@ class Client:
         token: Optional[str] = None,
         token_file: Optional[Union[str, "os.PathLike[str]"]] = None,
         credentials: Optional[grpc.ChannelCredentials] = None,
+        ca_file: Optional[Union[str, "os.PathLike[str]"]] = None,
+        cert_file: Optional[Union[str, "os.PathLike[str]"]] = None,
+        key_file: Optional[Union[str, "os.PathLike[str]"]] = None,
+        server_name: Optional[str] = None,
         timeout: Optional[float] = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         options: Sequence[Tuple[str, object]] = (),
@@ -170,6 +210,13 @@ class Client:
                 token = f.read().strip()
         if not 0 < chunk_size <= MAX_CHUNK_SIZE:
             raise ValueError(f"chunk_size must be in 1..{MAX_CHUNK_SIZE}")
+        options = list(options)
+        if ca_file is not None or cert_file is not None or key_file is not None:
+            if credentials is not None:
+                raise ValueError("give either credentials or ca_file/cert_file/key_file")
+            credentials = tls_credentials(ca_file, cert_file, key_file)
+        if server_name is not None:
+            options.append(("grpc.ssl_target_name_override", server_name))
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=list(options))
         else:
@@ -361,5 +408,13 @@ class Client:
         """The node's view of itself and the cluster (the raw message)."""
         try:
             return self.cluster.Status(cluster_pb2.StatusRequest(), **self._kw())
+        except grpc.RpcError as e:
+            raise _error(e) from None
+
+    def forget_member(self, node_id: str) -> None:
+        """Removes a dead member from the cluster for good (an admin call:
+        needs a token with role admin on a node that checks tokens)."""
+        try:
+            self.cluster.ForgetMember(cluster_pb2.ForgetMemberRequest(node_id=node_id), **self._kw())
         except grpc.RpcError as e:
             raise _error(e) from None
