@@ -2,7 +2,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all build demo test test-deps test-rust lint bench bench-small deploy-check chaos chaos-deps chaos-check chaos-short chaos-regress
+.PHONY: all build demo test test-deps test-rust lint bench bench-small deploy-check chaos chaos-deps chaos-check chaos-short chaos-regress chaos-regress-long
 all: build
 
 build:
@@ -115,5 +115,12 @@ chaos-short: chaos-deps
 chaos-regress: chaos-deps
 	$(CARGO) build -p dfs -p dfs-chaos
 	chaos/profile.sh regress
+
+## Seeds that exposed defects in long runs of the fixed code
+## (chaos/regress-long.txt): 30 minutes each with the release binaries, so
+## not part of `make test`.
+chaos-regress-long: chaos-deps
+	$(CARGO) build --release -p dfs -p dfs-chaos
+	CHAOS_BUILD=release chaos/profile.sh regress-long
 
 include clients/clients.mk

@@ -2,13 +2,16 @@
 # Runs a dfs-chaos profile with the debug binaries (built by the caller):
 #   short    3 nodes, two fixed seeds and one random seed (part of make test)
 #   regress  the scenarios in chaos/regress.txt (known defects of e38f196)
+#   regress-long  the scenarios in chaos/regress-long.txt (defects found by
+#            long runs; 30 minutes each, release binaries; not in make test)
 # Every run is tried even if an earlier one fails; the script then exits
 # non-zero and prints each failing run's replay command.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 profile=${1:?usage: chaos/profile.sh short|regress}
-bin=target/debug/dfs-chaos
-dfs=target/debug/dfs
+build=${CHAOS_BUILD:-debug}
+bin=target/$build/dfs-chaos
+dfs=target/$build/dfs
 out=target/chaos/$profile
 rm -rf "$out"
 failed=()
@@ -45,12 +48,12 @@ short)
 	seed=$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')
 	run "random-$seed" --seed "$seed" "${common[@]}"
 	;;
-regress)
+regress | regress-long)
 	while read -r name args; do
 		[[ -z $name || $name == \#* ]] && continue
 		# shellcheck disable=SC2086 # the arguments are meant to split
 		run "$name" $args
-	done <chaos/regress.txt
+	done <"chaos/$profile.txt"
 	;;
 *)
 	echo "unknown profile $profile" >&2

@@ -129,8 +129,14 @@ pub async fn connect_channel(addr: &str, tls: &ClientTlsFiles) -> anyhow::Result
 /// little at the top ("transport error") and the reason (a certificate
 /// the client does not trust, say) several sources down.
 fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
+    with_sources(e.to_string(), e.source())
+}
+
+/// `text`, then every cause from `source` down that it does not already say.
+pub(crate) fn with_sources(
+    mut text: String,
+    mut source: Option<&(dyn std::error::Error + 'static)>,
+) -> String {
     while let Some(cause) = source {
         let c = cause.to_string();
         if !text.contains(&c) {

@@ -240,3 +240,40 @@ async fn a_node_cut_off_from_its_cluster_is_alive_but_not_ready() {
     let ready = health.check(check("")).await.unwrap().into_inner();
     assert_ne!(ready.status, serving, "readiness does");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gateway_frozen_past_its_lease_rechecks_its_chunks_before_the_commit() {
+    // Found by the fault harness (seed 20261127, 5 nodes): a gateway
+    // SIGSTOPped for longer than the lease period stops renewing; the
+    // holders' leases expire and their collectors take the upload's first
+    // chunks; the renewals after SIGCONT succeed, and the upload must not be
+    // acknowledged on copies that are gone.
+    let c = TestCluster::start(3, 3, FAST_GC).await;
+    let data = pseudo_random(783, 20 * CHUNK + 3);
+    let upload = SlowUpload::start(&c.nodes[0], "frozen").await;
+    assert!(upload.send(&data[..8 * CHUNK]).await);
+    let written = wait_until(Duration::from_secs(20), || {
+        c.copies(&data[..7 * CHUNK]).iter().all(|n| *n == 3)
+    })
+    .await;
+    assert!(written, "{:?}", c.copies(&data[..7 * CHUNK]));
+    c.nodes[0].signal(libc::SIGSTOP);
+    // Both holders' collectors take the chunks once the lease has expired
+    // (3 s) and the chunks are past the grace (3 s); the frozen gateway keeps
+    // the only copy.
+    let collected = wait_until(Duration::from_secs(30), || {
+        c.copies(&data[..7 * CHUNK]).iter().all(|n| *n <= 1)
+    })
+    .await;
+    c.nodes[0].signal(libc::SIGCONT);
+    assert!(collected, "the holders never collected the unleased chunks");
+    assert!(upload.send(&data[8 * CHUNK..]).await);
+    let result = upload.finish().await;
+    if result.is_ok() {
+        let copies = c.copies(&data);
+        assert!(
+            copies.iter().all(|n| *n >= 2),
+            "acknowledged, yet copies per chunk are {copies:?}"
+        );
+    }
+}

@@ -73,16 +73,27 @@ impl Leases {
     }
 
     /// Grants or renews a lease for an upload that began `age` ago, for `ttl`
-    /// from now. A renewal never moves `since` later.
-    pub fn hold(&self, id: LeaseId, age: Duration, ttl: Duration) {
+    /// from now. A renewal never moves `since` later. Returns whether the
+    /// lease was already in force: `false` means it is new here, or it had
+    /// lapsed (the gateway was silent for longer than the period, or this
+    /// node restarted), and the collector may have taken the upload's chunks
+    /// in between.
+    pub fn hold(&self, id: LeaseId, age: Duration, ttl: Duration) -> bool {
         let since = SystemTime::now()
             .checked_sub(age + SLACK)
             .unwrap_or(SystemTime::UNIX_EPOCH);
-        let expires = Instant::now() + ttl;
+        let now = Instant::now();
+        let expires = now + ttl;
         let mut held = self.lock();
+        let in_force = held.get(&id).is_some_and(|l| l.expires > now);
         let lease = held.entry(id).or_insert(Lease { since, expires });
+        if !in_force {
+            // A lapsed lease starts again: its old expiry says nothing.
+            lease.expires = expires;
+        }
         lease.since = lease.since.min(since);
         lease.expires = lease.expires.max(expires);
+        in_force
     }
 
     /// Ends a lease early (its upload finished or failed on this node).
@@ -148,5 +159,23 @@ mod tests {
         assert!(leases.protected_since().is_none());
         assert_eq!(leases.count(), 0);
         assert!(leases.collection_allowed());
+    }
+
+    #[test]
+    fn a_renewal_says_whether_the_lease_lapsed() {
+        let leases = Leases::new(Duration::from_millis(30));
+        let ttl = Duration::from_millis(50);
+        assert!(!leases.hold([3; 16], Duration::ZERO, ttl), "a new lease");
+        assert!(leases.hold([3; 16], Duration::ZERO, ttl), "renewed in time");
+        std::thread::sleep(Duration::from_millis(70));
+        // Lapsed, still in the table (no collector pass pruned it).
+        assert!(!leases.hold([3; 16], Duration::ZERO, ttl));
+        assert!(leases.hold([3; 16], Duration::ZERO, ttl));
+        std::thread::sleep(Duration::from_millis(70));
+        // Lapsed and pruned by the collector's look at the table.
+        assert!(leases.protected_since().is_none());
+        assert!(!leases.hold([3; 16], Duration::ZERO, ttl));
+        leases.release(&[3; 16]);
+        assert!(!leases.hold([3; 16], Duration::ZERO, ttl), "released");
     }
 }

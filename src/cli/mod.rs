@@ -188,16 +188,10 @@ pub fn one_line(e: &anyhow::Error) -> String {
 /// alone says nothing.
 pub fn status_line(status: &tonic::Status) -> String {
     let code = format!("{:?}", status.code());
-    let mut text = status.message().to_owned();
-    let mut source = std::error::Error::source(status);
-    while let Some(cause) = source {
-        let c = cause.to_string();
-        if !text.contains(&c) {
-            text.push_str(": ");
-            text.push_str(&c);
-        }
-        source = cause.source();
-    }
+    let text = crate::client::with_sources(
+        status.message().to_owned(),
+        std::error::Error::source(status),
+    );
     format!("{}: {}", to_screaming(&code), text.replace('\n', " "))
 }
 

@@ -99,8 +99,8 @@ impl PeerHandler for PeerService {
                 }))
             }
             Some(Kind::RenewLeases(r)) => {
-                c.hold_leases(&r.leases);
-                reply(Kind::RenewLeasesReply(RenewLeasesReply {}))
+                let held = c.hold_leases(&r.leases);
+                reply(Kind::RenewLeasesReply(RenewLeasesReply { held }))
             }
             Some(Kind::PutChunk(p)) => {
                 let Some(id) = ChunkId::from_slice(&p.chunk_id) else {
@@ -248,15 +248,20 @@ impl Cluster {
     }
 
     /// Holds (or renews) leases a gateway granted on this node.
-    fn hold_leases(&self, leases: &[Lease]) {
+    /// Holds each lease; says for each whether it was already in force (a
+    /// malformed id is never held).
+    fn hold_leases(&self, leases: &[Lease]) -> Vec<bool> {
         let max_ttl = self.cfg.lease_ttl.max(std::time::Duration::from_secs(60));
-        for lease in leases {
-            let Ok(id) = <[u8; 16]>::try_from(lease.id.as_ref()) else {
-                continue;
-            };
-            let ttl = std::time::Duration::from_millis(lease.ttl_ms).min(max_ttl);
-            let age = std::time::Duration::from_millis(lease.age_ms);
-            self.chunks.leases().hold(id, age, ttl);
-        }
+        leases
+            .iter()
+            .map(|lease| {
+                let Ok(id) = <[u8; 16]>::try_from(lease.id.as_ref()) else {
+                    return false;
+                };
+                let ttl = std::time::Duration::from_millis(lease.ttl_ms).min(max_ttl);
+                let age = std::time::Duration::from_millis(lease.age_ms);
+                self.chunks.leases().hold(id, age, ttl)
+            })
+            .collect()
     }
 }

@@ -55,6 +55,10 @@ pub struct UploadLease {
     /// Holders a renewal could not reach, or that answered as another node:
     /// their copies are re-checked before the commit.
     suspects: Mutex<HashSet<String>>,
+    /// When the last renewal round began: every holder then either said its
+    /// lease was still in force or became a suspect, so no copy outside the
+    /// suspects can have been collected before this instant plus the period.
+    renewed: Mutex<Instant>,
     renewer: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -102,17 +106,29 @@ impl UploadLease {
             .insert(member.to_owned());
     }
 
-    fn suspects(&self) -> HashSet<String> {
-        self.suspects
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    /// The suspects, cleared: the caller re-checks them.
+    fn take_suspects(&self) -> HashSet<String> {
+        std::mem::take(&mut *self.suspects.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    fn renew_locally(&self) {
+    /// Whether a lease may have lapsed somewhere since the last renewal
+    /// round: half a period gone leaves room for a slow round and for clocks
+    /// that run at slightly different rates.
+    fn may_have_lapsed(&self) -> bool {
+        let renewed = *self.renewed.lock().unwrap_or_else(|p| p.into_inner());
+        renewed.elapsed() >= self.ttl / 2
+    }
+
+    fn renewed_at(&self, round: Instant) {
+        let mut renewed = self.renewed.lock().unwrap_or_else(|p| p.into_inner());
+        *renewed = (*renewed).max(round);
+    }
+
+    /// Renews the lease on this node; false if it had lapsed here.
+    fn renew_locally(&self) -> bool {
         self.chunks
             .leases()
-            .hold(self.id, self.started.elapsed(), self.ttl);
+            .hold(self.id, self.started.elapsed(), self.ttl)
     }
 }
 
@@ -144,40 +160,65 @@ impl Cluster {
             chunks: self.chunks.clone(),
             holders: Mutex::new(Vec::new()),
             suspects: Mutex::new(HashSet::new()),
+            renewed: Mutex::new(Instant::now()),
             renewer: Mutex::new(None),
         });
-        lease.renew_locally();
+        // A new grant: nothing of this upload exists yet to have lapsed.
+        let _ = lease.renew_locally();
         let task = tokio::spawn(self.clone().renew_loop(Arc::downgrade(&lease)));
         *lease.renewer.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
         lease
     }
 
     async fn renew_loop(self: Arc<Self>, lease: Weak<UploadLease>) {
-        let every = self.cfg.lease_ttl / 3;
         loop {
-            tokio::time::sleep(every).await;
+            tokio::time::sleep(self.cfg.lease_ttl / 3).await;
             let Some(lease) = lease.upgrade() else { return };
-            lease.renew_locally();
-            let mut renewals = tokio::task::JoinSet::new();
-            for member in lease
-                .holder_ids()
-                .into_iter()
-                .filter(|m| *m != self.node_id)
-            {
-                let (this, lease) = (self.clone(), lease.clone());
-                renewals.spawn(async move {
-                    let renewed = tokio::time::timeout(every, this.renew_on(&member, &lease)).await;
-                    if !matches!(renewed, Ok(Ok(()))) {
-                        tracing::warn!(member = %member, "cannot renew an upload's lease; its copies there will be re-checked before the commit");
-                        lease.suspect(&member);
-                    }
-                });
-            }
-            while renewals.join_next().await.is_some() {}
+            self.renew_round(&lease).await;
         }
     }
 
-    async fn renew_on(&self, member: &str, lease: &UploadLease) -> Result<(), ClusterError> {
+    /// Renews the lease on every holder at once. A holder that cannot be
+    /// reached, or says the lease had lapsed there (the gateway was frozen
+    /// or cut off for longer than the period, or the holder restarted), may
+    /// have collected the upload's chunks: it becomes a suspect.
+    async fn renew_round(self: &Arc<Self>, lease: &Arc<UploadLease>) {
+        let round = Instant::now();
+        let every = self.cfg.lease_ttl / 3;
+        if !lease.renew_locally() {
+            tracing::warn!(
+                "an upload's lease lapsed on this node; its copies here will be re-checked before the commit"
+            );
+            lease.suspect(&self.node_id);
+        }
+        let mut renewals = tokio::task::JoinSet::new();
+        for member in lease
+            .holder_ids()
+            .into_iter()
+            .filter(|m| *m != self.node_id)
+        {
+            let (this, lease) = (self.clone(), lease.clone());
+            renewals.spawn(async move {
+                let renewed = tokio::time::timeout(every, this.renew_on(&member, &lease)).await;
+                match renewed {
+                    Ok(Ok(true)) => {}
+                    Ok(Ok(false)) => {
+                        tracing::warn!(member = %member, "an upload's lease had lapsed on a holder; its copies there will be re-checked before the commit");
+                        lease.suspect(&member);
+                    }
+                    _ => {
+                        tracing::warn!(member = %member, "cannot renew an upload's lease; its copies there will be re-checked before the commit");
+                        lease.suspect(&member);
+                    }
+                }
+            });
+        }
+        while renewals.join_next().await.is_some() {}
+        lease.renewed_at(round);
+    }
+
+    /// Renews the lease on `member`: whether it was in force there all along.
+    async fn renew_on(&self, member: &str, lease: &UploadLease) -> Result<bool, ClusterError> {
         let (Some(pool), Some(addr)) = (self.pool(), self.membership.addr_of(member)) else {
             return Err(ClusterError::Unreachable(format!(
                 "no address for {member}"
@@ -191,25 +232,31 @@ impl Cluster {
         };
         let reply = super::ask_member(pool, member, &addr, msg, None).await?;
         match reply.msg.kind {
-            Some(Kind::RenewLeasesReply(_)) => Ok(()),
+            Some(Kind::RenewLeasesReply(r)) => Ok(r.held.len() == 1 && r.held[0]),
             _ => Err(ClusterError::Internal(
                 "unexpected reply to RenewLeases".into(),
             )),
         }
     }
 
-    /// Before an upload commits: every chunk must still be on W good copies.
-    /// Holders the lease lost touch with are asked to verify what they hold;
-    /// a chunk that fell below W is fetched from a good copy and written
-    /// again. `copies[i]` says who holds `ids[i]` and is updated. Fails if a
-    /// chunk cannot be brought back to W copies.
+    /// Before an upload is acknowledged: every chunk must still be on W good
+    /// copies. If the lease may have lapsed anywhere since its last renewal
+    /// (this gateway was frozen or slow), it is renewed now; holders the
+    /// lease lost touch with are asked to verify what they hold, and a chunk
+    /// that fell below W is fetched from a good copy and written again.
+    /// `copies[i]` says who holds `ids[i]` and is updated. Fails if a chunk
+    /// cannot be brought back to W copies. Called before the record is
+    /// committed and again after it (a freeze between the two is caught).
     pub async fn confirm_copies(
-        &self,
-        lease: &UploadLease,
+        self: &Arc<Self>,
+        lease: &Arc<UploadLease>,
         ids: &[ChunkId],
         copies: &mut [Copies],
     ) -> Result<(), ClusterError> {
-        let suspects = lease.suspects();
+        if lease.may_have_lapsed() {
+            self.renew_round(lease).await;
+        }
+        let suspects = lease.take_suspects();
         if suspects.is_empty() {
             return Ok(());
         }

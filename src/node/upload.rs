@@ -131,6 +131,12 @@ impl Node {
             ..Default::default()
         };
         self.cluster.commit_record(record.clone()).await?;
+        // A gateway frozen between the check and the commit may have let the
+        // lease lapse: now that the record protects the chunks, check again
+        // (free unless a renewal is overdue or a holder became a suspect).
+        self.cluster
+            .confirm_copies(&lease, &written.ids, &mut written.copies)
+            .await?;
         Ok(record)
     }
 
