@@ -138,6 +138,9 @@ async fn a_node_acknowledges_uploads_and_deletes_only_once_they_are_durable() {
     for id in &ids {
         assert_none(upload.chunk_file(&chunk_path(&data_dir, id)), "chunk");
     }
+    // Whole chunks were written around the page cache (and the checks
+    // above held for them); the 100-byte tail through it.
+    assert_direct_writes(&upload, &data_dir, &ids, 3);
     let index = data_dir.join("index.redb");
     assert_none(upload.database(&index, upload_from), "object record");
     assert_none(upload.created_file(&index), "record database file");
@@ -200,11 +203,28 @@ async fn every_replica_is_durable_before_the_upload_is_acknowledged() {
             // R = 2 of two nodes: every chunk on both, synced before the ack.
             assert_none(rules.chunk_file(&chunk_path(&dir, id)), "replica");
         }
+        // The gateway's own copies and the replica's received ones alike.
+        assert_direct_writes(&rules, &dir, &ids, 4);
         if dir == gateway {
             assert_none(rules.database(&dir.join("index.redb"), from), "record");
         }
     }
     assert_chunks_present(&a.data_dir(), &b.data_dir(), &ids);
+}
+
+/// The first `whole` chunks (64 KiB and more sealed) were created with
+/// O_DIRECT, the rest without: the durability checks covered direct writes.
+#[track_caller]
+fn assert_direct_writes(
+    rules: &Durability,
+    data_dir: &Path,
+    ids: &[dfs::crypto::ChunkId],
+    whole: usize,
+) {
+    for (i, id) in ids.iter().enumerate() {
+        let direct = rules.created_with(&chunk_path(data_dir, id), "O_DIRECT");
+        assert_eq!(direct, i < whole, "chunk {i} ({id}) created with O_DIRECT");
+    }
 }
 
 fn assert_chunks_present(a: &Path, b: &Path, ids: &[dfs::crypto::ChunkId]) {

@@ -241,6 +241,26 @@ impl Durability<'_> {
         bad
     }
 
+    /// Whether the temporary file that was renamed to the chunk file `dest`
+    /// was created with `flag` (say `O_DIRECT`) among its open flags.
+    pub fn created_with(&self, dest: &Path, flag: &str) -> bool {
+        let Some(rename) = self
+            .calls
+            .iter()
+            .filter(|c| c.is_rename() && c.paths.get(1).map(PathBuf::as_path) == Some(dest))
+            .find(|c| c.end < self.ack)
+        else {
+            return false;
+        };
+        let tmp = &rename.paths[0];
+        self.calls.iter().any(|c| {
+            c.name.starts_with("open")
+                && c.paths.contains(tmp)
+                && c.args.contains("O_CREAT")
+                && c.args.split(['|', ',', ' ']).any(|f| f == flag)
+        })
+    }
+
     /// The directory entry for `path`, made at `made`, and the entries of
     /// every ancestor directory this trace saw created: each parent synced
     /// after the entry appeared and before the acknowledgement.
