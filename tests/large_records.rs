@@ -280,7 +280,12 @@ async fn assert_reads_chunk(node: &TestNode, key: &str, index: u64, id_hex: &str
     .await;
     match got {
         Err(s) => {
-            assert_eq!(s.code(), Code::DataLoss, "chunk {index}: {s:?}");
+            // DATA_LOSS once every member answered; UNAVAILABLE while one
+            // (a member only heard of, not yet contacted) may hold it.
+            assert!(
+                matches!(s.code(), Code::DataLoss | Code::Unavailable),
+                "chunk {index}: {s:?}"
+            );
             assert!(
                 s.message().contains(id_hex),
                 "chunk {index}: expected id {id_hex} in {:?}",

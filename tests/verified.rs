@@ -80,3 +80,48 @@ async fn the_scrubber_finds_rot_nobody_reads_and_repair_restores_it() {
         "status must show what the scrubber found: {text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chunk_held_only_by_unreachable_nodes_is_unavailable_not_lost() {
+    // Seen in a 30-minute harness run (seed 20261128): reads during
+    // partitions ended DATA_LOSS "no live peers" while the chunk was safe on
+    // nodes the reader could not reach. DATA_LOSS tells a client the data is
+    // gone; it must mean that every member answered and none holds a good
+    // copy.
+    let mut c = TestCluster::start(3, 1, FAST).await;
+    c.wait_members_up(3).await;
+    let data = pseudo_random(951, 12 * CHUNK);
+    put(&c.nodes[0], "far", &data).await;
+    let ids = chunk_ids(&c.key_file, &data);
+    let (far, holder) = ids
+        .iter()
+        .find_map(|id| {
+            let h = c.holders(id);
+            (h.len() == 1 && h[0] != 0).then(|| (*id, h[0]))
+        })
+        .expect("with R=1 some chunk lives on another node only");
+    c.nodes[holder].kill9();
+    let down = wait_until_async(Duration::from_secs(20), || async {
+        common::cluster::members_up(&c.nodes[0]).await == 1
+    })
+    .await;
+    assert!(down, "node 0 never saw node {holder} down");
+    let err = get(&c.nodes[0], "far")
+        .await
+        .expect_err("a chunk is out of reach");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+
+    c.nodes[holder].restart().await;
+    c.wait_members_up(3).await;
+    assert_eq!(
+        get(&c.nodes[0], "far").await.expect("reachable again"),
+        data
+    );
+
+    // Every member answers, none holds it: that is DATA_LOSS.
+    std::fs::remove_file(c.chunk_file(holder, &far)).expect("remove the only copy");
+    let err = get(&c.nodes[0], "far")
+        .await
+        .expect_err("the only copy is gone");
+    assert_eq!(err.code(), tonic::Code::DataLoss, "{err}");
+}

@@ -39,6 +39,13 @@ use crate::{
 /// Records pushed or pulled per index message.
 const SYNC_PAGE: usize = 500;
 
+fn unreached_note(unreached: usize) -> String {
+    match unreached {
+        0 => String::new(),
+        n => format!(" ({n} member(s) not heard from, which may hold it)"),
+    }
+}
+
 /// Errors the cluster reports to the node.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -50,9 +57,17 @@ pub enum ClusterError {
         required: usize,
         reasons: String,
     },
-    /// No reachable node holds a chunk that verifies.
-    #[error("no node holds a verified copy of chunk {id}: {reasons}")]
-    ChunkUnavailable { id: ChunkId, reasons: String },
+    /// No node that answered holds a chunk that verifies. `unreached`
+    /// members (down, unreachable, or failing the request) were not heard:
+    /// while any is, the chunk may well be safe on it, so the error is
+    /// transient (UNAVAILABLE); with every member heard it is lost
+    /// (DATA_LOSS).
+    #[error("no node holds a verified copy of chunk {id}: {reasons}{}", unreached_note(*.unreached))]
+    ChunkUnavailable {
+        id: ChunkId,
+        reasons: String,
+        unreached: usize,
+    },
     /// The local store refused a write for lack of space, or a write fell
     /// short of the write rule because an owner's disk is full.
     #[error("{0}")]
@@ -460,15 +475,16 @@ impl Cluster {
             return Err(ClusterError::ChunkUnavailable {
                 id,
                 reasons: "not stored on this node, which has no peers".into(),
+                unreached: 0,
             });
         };
         let mut reasons = Vec::new();
-        for member in self
-            .ranked_live(&id)
-            .into_iter()
-            .filter(|m| *m != self.node_id)
-        {
+        let ranked = self.ranked_live(&id);
+        // Members not up are not asked: they are not heard.
+        let mut unreached = self.membership.size().saturating_sub(ranked.len());
+        for member in ranked.into_iter().filter(|m| *m != self.node_id) {
             let Some(addr) = self.membership.addr_of(&member) else {
+                unreached += 1;
                 continue;
             };
             let msg = PeerMessage {
@@ -498,10 +514,19 @@ impl Cluster {
                     (Some(Kind::GetChunkReply(_)), _) => {
                         reasons.push(format!("{member}: not held"))
                     }
-                    (Some(Kind::Error(e)), _) => reasons.push(format!("{member}: {}", e.message)),
-                    _ => reasons.push(format!("{member}: unexpected reply")),
+                    (Some(Kind::Error(e)), _) => {
+                        unreached += 1;
+                        reasons.push(format!("{member}: {}", e.message))
+                    }
+                    _ => {
+                        unreached += 1;
+                        reasons.push(format!("{member}: unexpected reply"))
+                    }
                 },
-                Err(e) => reasons.push(format!("{member}: {e}")),
+                Err(e) => {
+                    unreached += 1;
+                    reasons.push(format!("{member}: {e}"))
+                }
             }
         }
         Err(ClusterError::ChunkUnavailable {
@@ -511,6 +536,7 @@ impl Cluster {
             } else {
                 reasons.join("; ")
             },
+            unreached,
         })
     }
 }

@@ -235,7 +235,16 @@ impl Node {
         let (sealed, (opened, offset)) = match opened {
             Ok(pair) => pair,
             Err(remote) => {
-                return Err(NodeError::DataLoss(format!("{local_error}; {remote}")));
+                let text = format!("{local_error}; {remote}");
+                return Err(match remote {
+                    crate::cluster::ClusterError::ChunkUnavailable { unreached: 0, .. } => {
+                        NodeError::DataLoss(text)
+                    }
+                    crate::cluster::ClusterError::ChunkUnavailable { .. } => {
+                        NodeError::Unavailable(text)
+                    }
+                    other => other.into(),
+                });
             }
         };
         check_len(id, &opened[offset..], needed)?;

@@ -90,7 +90,8 @@ impl From<ClusterError> for NodeError {
     fn from(e: ClusterError) -> Self {
         match e {
             ClusterError::TooFewCopies { .. } => Self::Unavailable(e.to_string()),
-            ClusterError::ChunkUnavailable { .. } => Self::DataLoss(e.to_string()),
+            ClusterError::ChunkUnavailable { unreached: 0, .. } => Self::DataLoss(e.to_string()),
+            ClusterError::ChunkUnavailable { .. } => Self::Unavailable(e.to_string()),
             ClusterError::DiskFull(_) => Self::ResourceExhausted(e.to_string()),
             ClusterError::Unreachable(_)
             | ClusterError::WrongNode { .. }

@@ -111,7 +111,14 @@ impl Node {
         // makes it part of an object.
         self.cluster
             .confirm_copies(&lease, &written.ids, &mut written.copies)
-            .await?;
+            .await
+            .map_err(|e| match e {
+                // Nothing acknowledged is lost: this upload is not stored.
+                ClusterError::ChunkUnavailable { .. } => NodeError::Unavailable(format!(
+                    "{e}; the upload lost chunks while it ran and is not stored: send it again"
+                )),
+                other => other.into(),
+            })?;
         let record = ObjectRecord {
             key: meta.key,
             size,
