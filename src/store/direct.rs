@@ -343,19 +343,7 @@ mod tests {
     #[test]
     fn every_length_round_trips() {
         let dir = tempfile::tempdir().unwrap();
-        let lengths = [
-            0,
-            1,
-            ALIGN - 1,
-            ALIGN,
-            MIN_DIRECT - 1,
-            MIN_DIRECT,
-            MIN_DIRECT + 1,
-            BOUNCE,
-            BOUNCE + ALIGN + 17,
-            3 * BOUNCE + 5,
-        ];
-        for (i, len) in lengths.into_iter().enumerate() {
+        for (i, len) in LENGTHS.into_iter().enumerate() {
             let path = dir.path().join(i.to_string());
             let data = pattern(len);
             let file = create_new(&path, len).unwrap();
