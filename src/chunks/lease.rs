@@ -110,6 +110,25 @@ impl Leases {
         held.values().map(|l| l.since).min()
     }
 
+    /// Runs `f` with the time the collector may delete below: `base`, or
+    /// earlier where a lease in force protects more. The table stays locked
+    /// while `f` runs (one chunk's stat and unlink), so a renewal lands
+    /// either before it (and the chunk is spared) or after it (and reports
+    /// a lapsed lease, so the gateway re-checks what was deleted): a check
+    /// that takes the lease from a pass's start would let a pass delete a
+    /// chunk after its lease was renewed, unseen by that renewal.
+    pub fn with_cutoff<R>(&self, base: SystemTime, f: impl FnOnce(SystemTime) -> R) -> R {
+        let now = Instant::now();
+        let mut held = self.lock();
+        held.retain(|_, l| l.expires > now);
+        let cutoff = held
+            .values()
+            .map(|l| l.since)
+            .min()
+            .map_or(base, |since| since.min(base));
+        f(cutoff)
+    }
+
     /// Whether the collector may run: not before every upload that was in
     /// progress when this node started had its chance to renew its lease.
     pub fn collection_allowed(&self) -> bool {
@@ -177,5 +196,35 @@ mod tests {
         assert!(!leases.hold([3; 16], Duration::ZERO, ttl));
         leases.release(&[3; 16]);
         assert!(!leases.hold([3; 16], Duration::ZERO, ttl), "released");
+    }
+
+    #[test]
+    fn a_renewal_waits_for_a_deletion_in_progress_and_then_reports_the_lapse() {
+        let leases = std::sync::Arc::new(Leases::new(Duration::from_millis(10)));
+        let ttl = Duration::from_millis(20);
+        leases.hold([4; 16], Duration::ZERO, ttl);
+        std::thread::sleep(Duration::from_millis(30));
+        let base = SystemTime::now();
+        let (renewed_at, deleted_at) = std::thread::scope(|s| {
+            let l = leases.clone();
+            let deletion = s.spawn(move || {
+                l.with_cutoff(base, |cutoff| {
+                    // The lapsed lease protects nothing.
+                    assert_eq!(cutoff, base);
+                    std::thread::sleep(Duration::from_millis(50));
+                    Instant::now()
+                })
+            });
+            std::thread::sleep(Duration::from_millis(10));
+            let held = leases.hold([4; 16], Duration::ZERO, Duration::from_secs(5));
+            assert!(!held, "the renewal says the lease had lapsed");
+            (Instant::now(), deletion.join().unwrap())
+        });
+        assert!(
+            renewed_at >= deleted_at,
+            "the renewal waited for the deletion"
+        );
+        // Once renewed, the lease protects again.
+        leases.with_cutoff(base, |cutoff| assert!(cutoff < base));
     }
 }

@@ -239,9 +239,11 @@ impl Chunks {
             return Ok(report);
         }
         report.ran = true;
-        let mut cutoff = SystemTime::now()
+        let base = SystemTime::now()
             .checked_sub(grace)
             .unwrap_or(SystemTime::UNIX_EPOCH);
+        // A first filter; each deletion checks the leases again (below).
+        let mut cutoff = base;
         if let Some(since) = self.leases.protected_since() {
             cutoff = cutoff.min(since);
         }
@@ -259,7 +261,9 @@ impl Chunks {
                     return;
                 }
             }
-            match self.store.remove_if_older(&id, cutoff) {
+            match self.leases.with_cutoff(base, |now_cutoff| {
+                self.store.remove_if_older(&id, now_cutoff)
+            }) {
                 Ok(true) => {
                     report.deleted += 1;
                     report.bytes_freed += len;
