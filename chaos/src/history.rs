@@ -63,15 +63,7 @@ impl Outcome {
 
 /// `Code::DataLoss` as `DATA_LOSS`.
 pub fn code_name(code: tonic::Code) -> String {
-    let camel = format!("{code:?}");
-    let mut out = String::new();
-    for (i, ch) in camel.chars().enumerate() {
-        if ch.is_uppercase() && i > 0 {
-            out.push('_');
-        }
-        out.push(ch.to_ascii_uppercase());
-    }
-    out
+    dfs::cli::code_name(code)
 }
 
 /// A version as the API reports it.

@@ -187,15 +187,16 @@ pub fn one_line(e: &anyhow::Error) -> String {
 /// handshake the node refused) also gets its causes: "transport error"
 /// alone says nothing.
 pub fn status_line(status: &tonic::Status) -> String {
-    let code = format!("{:?}", status.code());
     let text = crate::client::with_sources(
         status.message().to_owned(),
         std::error::Error::source(status),
     );
-    format!("{}: {}", to_screaming(&code), text.replace('\n', " "))
+    format!("{}: {}", code_name(status.code()), text.replace('\n', " "))
 }
 
-fn to_screaming(camel: &str) -> String {
+/// A status code as gRPC names it: `Code::DataLoss` as `DATA_LOSS`.
+pub fn code_name(code: tonic::Code) -> String {
+    let camel = format!("{code:?}");
     let mut out = String::new();
     for (i, ch) in camel.chars().enumerate() {
         if ch.is_uppercase() && i > 0 {
