@@ -3,6 +3,7 @@
 //! The crate is organised in rooms that data flows through in one direction:
 //! `grpc -> node -> (crypto, store, index)`. See `docs/ARCHITECTURE.md`.
 
+pub mod alloc;
 pub mod bench;
 pub mod budget;
 pub mod bufpool;

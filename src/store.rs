@@ -27,7 +27,7 @@ use std::{
 
 use crate::crypto::ChunkId;
 
-mod direct;
+pub(crate) mod direct;
 
 pub use direct::READ_SLACK;
 

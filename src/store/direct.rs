@@ -13,11 +13,13 @@
 //!
 //! Direct I/O needs file offsets, lengths and memory addresses aligned to
 //! the device's logical block; [`ALIGN`] (4 KiB) covers 512-byte and 4 KiB
-//! devices. Writes go through an aligned bounce buffer, except the last
-//! partial block, which is written buffered (the fsync that follows covers
-//! both); at most [`BOUNCES`] bounce buffers exist at once, and a write
-//! that finds none free goes through the page cache, so their memory stays
-//! bounded however many chunks are written at once. Reads land at an
+//! devices. Writes go straight from the caller's buffer when it is aligned
+//! (the `dfs` binary's allocator aligns every large block, see
+//! [`crate::alloc`]), else through an aligned bounce buffer; the last
+//! partial block is written buffered (the fsync that follows covers both).
+//! At most [`BOUNCES`] bounce buffers exist at once, and a write that finds
+//! none free goes through the page cache, so their memory stays bounded
+//! however many chunks are written at once. Reads land at an
 //! aligned offset inside the caller's buffer, which is why they return
 //! where the data starts. A filesystem that refuses `O_DIRECT` (tmpfs
 //! before Linux 6.6, some network filesystems) or its alignment gets
