@@ -292,6 +292,14 @@ fn print_stored_cpu(limits: &MachineLimits, r: usize, cpu_up: &[f64], gib: f64) 
         per_gib / needed,
         per_gib / (needed + channel)
     );
+    // The gateway receives every byte from the client and sends it to each
+    // remote owner, which receives it.
+    let floor = limits.floor(needed + channel, remote, 1.0 + remote);
+    println!(
+        "  floor over loopback (that crypto, the peer channel, the upload received by the \
+         gateway and {remote} copies sent and received): {floor:.2} s = {:.2} x the crypto it needs",
+        floor / needed
+    );
     let shares: Vec<String> = cpu_up
         .iter()
         .enumerate()

@@ -1,8 +1,11 @@
 //! The machine's own limits, measured in the same run as the node: the
 //! single-core cost of the crypto each path needs, done with the node's own
 //! code (`crypto::Keys`) and timed by the thread's CPU clock (best of
-//! three), and the disk's sequential write + fdatasync (wall time). Every
-//! ratio the bench prints divides by one of these.
+//! three), the CPU one loopback TCP stream costs its sender and its
+//! receiver per byte (each thread's CPU clock, best of three), and the
+//! disk's sequential write + fdatasync (wall time). Every ratio the bench
+//! prints divides by one of these; the loopback figures give the floor
+//! under a ratio whose data crosses sockets (see [`MachineLimits::floor`]).
 
 use std::{path::Path, time::Instant};
 
@@ -31,6 +34,12 @@ pub(super) struct MachineLimits {
     /// A format 1 read (AES-256-CTR, then HMAC-SHA1 of the plaintext): what
     /// a verified read needed before format 2, for comparison.
     pub open_v1: f64,
+    /// One TCP stream over loopback, 1 MiB writes: bytes per CPU-second of
+    /// the sending thread (which, on loopback, also runs most of the
+    /// receiving side's protocol work).
+    pub loopback_send: f64,
+    /// The same stream's receiving thread, 1 MiB reads.
+    pub loopback_recv: f64,
     pub disk_write_fdatasync: f64,
 }
 
@@ -51,12 +60,27 @@ impl MachineLimits {
         line("upload: file SHA-1 + seal (id, encrypt, tag)", self.seal);
         line("peer channel: AES-256-GCM (ring)", self.channel);
         line("format 1 read: AES-256-CTR then HMAC-SHA1", self.open_v1);
+        line("loopback TCP, one stream: sender", self.loopback_send);
+        line("loopback TCP, one stream: receiver", self.loopback_recv);
         println!(
             "  {:<46} {:>8.0} MB/s  (4 MiB blocks, {} total)",
             "sequential write + fdatasync",
             self.disk_write_fdatasync / MB,
             crate::units::format_size(disk_bytes)
         );
+    }
+}
+
+impl MachineLimits {
+    /// The least CPU per GiB a path can cost on this machine: the crypto it
+    /// needs (`crypto`, seconds per GiB) plus `sends` loopback sends and
+    /// `recvs` loopback receives of every byte, which no user-space work
+    /// avoids. A ratio target below `floor / crypto` cannot be met over
+    /// loopback sockets, whatever the node does.
+    pub fn floor(&self, crypto: f64, sends: f64, recvs: f64) -> f64 {
+        crypto
+            + sends * Self::secs_per_gib(self.loopback_send)
+            + recvs * Self::secs_per_gib(self.loopback_recv)
     }
 }
 
@@ -119,6 +143,7 @@ pub(super) fn measure(dir: &Path, disk_bytes: u64) -> anyhow::Result<MachineLimi
             }
         })
     };
+    let (loopback_send, loopback_recv) = loopback(&plain)?;
     Ok(MachineLimits {
         sha1,
         aes_ctr,
@@ -128,6 +153,8 @@ pub(super) fn measure(dir: &Path, disk_bytes: u64) -> anyhow::Result<MachineLimi
         seal,
         channel,
         open_v1,
+        loopback_send,
+        loopback_recv,
         disk_write_fdatasync: disk(dir, disk_bytes, &plain)?,
     })
 }
@@ -180,6 +207,50 @@ fn rate_of_opens(
         best = best.min(spent);
     }
     (CHUNK * ROUNDS) as f64 / best
+}
+
+/// One TCP stream over 127.0.0.1: `LOOPBACK_BYTES` sent in 1 MiB writes
+/// (the size of the node's download messages and peer DATA frames) and
+/// read in 1 MiB reads. Returns bytes per CPU-second of the sender and of
+/// the receiver, each the best of three runs by its own thread's clock.
+fn loopback(block: &[u8]) -> anyhow::Result<(f64, f64)> {
+    use std::io::{Read, Write};
+    const LOOPBACK_BYTES: usize = 512 << 20;
+    const PIECE: usize = 1 << 20;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let (mut send, mut recv) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..3 {
+        let server = listener.try_clone()?;
+        let receiver = std::thread::spawn(move || -> std::io::Result<(f64, usize)> {
+            let (mut conn, _) = server.accept()?;
+            let mut buf = vec![0u8; PIECE];
+            let t = thread_cpu_seconds();
+            let mut got = 0;
+            loop {
+                match conn.read(&mut buf)? {
+                    0 => break,
+                    n => got += n,
+                }
+            }
+            Ok((thread_cpu_seconds() - t, got))
+        });
+        let mut conn = std::net::TcpStream::connect(addr)?;
+        conn.set_nodelay(true)?;
+        let t = thread_cpu_seconds();
+        for i in 0..LOOPBACK_BYTES / PIECE {
+            let at = i * PIECE % block.len();
+            conn.write_all(&block[at..at + PIECE])?;
+        }
+        conn.shutdown(std::net::Shutdown::Write)?;
+        send = send.min(thread_cpu_seconds() - t);
+        let (spent, got) = receiver
+            .join()
+            .map_err(|_| anyhow::anyhow!("the loopback receiver panicked"))??;
+        anyhow::ensure!(got == LOOPBACK_BYTES, "loopback: received {got} bytes");
+        recv = recv.min(spent);
+    }
+    Ok((LOOPBACK_BYTES as f64 / send, LOOPBACK_BYTES as f64 / recv))
 }
 
 fn disk(dir: &Path, disk_bytes: u64, block: &[u8]) -> anyhow::Result<f64> {

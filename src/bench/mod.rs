@@ -193,11 +193,13 @@ async fn run_against(
     );
     println!(
         "  dfs get -o /dev/null  {:>8.0} MB/s  ({:.2} s)  = {:.2} x decrypt + verify (one core); \
-         client CPU {:.2} s per GiB (it checks the whole-file SHA-1)",
+         client CPU {:.2} s per GiB (it checks the whole-file SHA-1, which alone caps it \
+         at {:.2} x)",
         get.rate / MB,
         get.secs,
         get.rate / limits.open,
-        get_client_cpu / up.gib
+        get_client_cpu / up.gib,
+        limits.sha1 / limits.open
     );
     if let (Some(u), Some(d), Some(g)) = (up.cpu_per_gib, down.cpu_per_gib, get.cpu_per_gib) {
         let read = MachineLimits::secs_per_gib(limits.open);
@@ -208,9 +210,19 @@ async fn run_against(
              a verified read needs ({read:.2} s; format 1 needed {read_v1:.2} s)",
             d / read
         );
+        let read_floor = limits.floor(read, 1.0, 0.0);
+        println!(
+            "    floor over loopback (that crypto + one socket send): {read_floor:.2} s = {:.2} x",
+            read_floor / read
+        );
         println!(
             "  node CPU per GiB uploaded:   {u:.2} s = {:.2} x its crypto (file SHA-1 + seal, {seal:.2} s)",
             u / seal
+        );
+        let seal_floor = limits.floor(seal, 0.0, 1.0);
+        println!(
+            "    floor over loopback (that crypto + one socket receive): {seal_floor:.2} s = {:.2} x",
+            seal_floor / seal
         );
     }
     println!(
