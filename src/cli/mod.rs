@@ -138,6 +138,7 @@ pub fn main() -> ExitCode {
 }
 
 fn run_client(command: Command) -> anyhow::Result<ExitCode> {
+    crate::alloc::tune_for_client();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

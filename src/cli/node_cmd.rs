@@ -174,7 +174,7 @@ impl LimitArgs {
 
 pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     init_logging(args.log_format);
-    limit_allocator_caching();
+    crate::alloc::tune_for_node();
     let tokens = match &args.auth_token_file {
         Some(path) => Some(Arc::new(grpc::tokens::TokenFile::load(path)?)),
         None => None,
@@ -328,17 +328,5 @@ fn init_logging(format: LogFormat) {
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
-    }
-}
-
-/// Chunk buffers are megabytes each and short-lived. A fixed mmap threshold
-/// makes glibc hand every one of them back to the kernel when freed, instead
-/// of growing the threshold and caching them in arenas, which would let the
-/// resident size creep up with the number of threads that ever held one.
-fn limit_allocator_caching() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt only changes allocator tuning; called before any threads.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
     }
 }
