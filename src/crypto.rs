@@ -13,7 +13,7 @@
 //!   handshake mixes in, so only holders of the secret complete one.
 //!
 //! The sealed layouts, what each one costs to check and why, are in
-//! [`seal`](self::seal) and docs/SECURITY.md.
+//! `crypto/seal.rs` and docs/SECURITY.md.
 
 use std::{fmt, fs, io, path::Path, str::FromStr};
 

@@ -71,7 +71,7 @@ pub struct NodeArgs {
     /// Repair transfer budget per second on this node (lower it to leave more to clients)
     #[arg(long, env = "DFS_REPAIR_RATE", default_value = "256MiB", value_parser = size_arg)]
     pub repair_rate: u64,
-    /// File holding the cluster secret (64 hex chars); default: <data>/cluster.key, created if absent
+    /// File holding the cluster secret (64 hex chars); default: `<data>/cluster.key`, created if absent
     #[arg(long, env = "DFS_CLUSTER_KEY_FILE", value_name = "PATH")]
     pub cluster_key_file: Option<PathBuf>,
     /// Chunk size for new uploads (64KiB..=16MiB)
