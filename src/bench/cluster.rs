@@ -152,6 +152,11 @@ async fn measure(
     }
     client.delete("bench/cluster").await?;
 
+    if args.small_objects > 0 {
+        // Through node1, which writes each object's chunk and record to
+        // R nodes (W of them before it answers).
+        super::small_objects(client.clone(), args.small_objects, args.concurrency).await?;
+    }
     if args.repair_size > 0 && nodes.len() > r.max(1) - 1 && nodes.len() >= 3 {
         repair(args, r, keys, nodes).await?;
     }

@@ -319,7 +319,11 @@ fn proc_cpu_seconds(pid: u32) -> Option<f64> {
 }
 
 /// Many 4 KiB uploads from concurrent clients: objects/s and latency.
-async fn small_objects(client: Client, count: usize, concurrency: usize) -> anyhow::Result<()> {
+pub(super) async fn small_objects(
+    client: Client,
+    count: usize,
+    concurrency: usize,
+) -> anyhow::Result<()> {
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
