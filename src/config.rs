@@ -28,6 +28,8 @@ pub struct NodeConfig {
     pub capacity: Option<u64>,
     /// Node-wide bound on bytes of chunk buffers held by transfers at once.
     pub buffer_budget: usize,
+    /// Bytes of index pages the node may keep cached.
+    pub index_cache: usize,
     /// Longest a transfer waits for buffer budget before it fails with
     /// `RESOURCE_EXHAUSTED`.
     pub budget_wait: Duration,
@@ -55,6 +57,7 @@ impl NodeConfig {
             gc_interval: Duration::from_secs(600),
             capacity: None,
             buffer_budget: 32 << 20,
+            index_cache: crate::index::INDEX_CACHE_BYTES,
             budget_wait: crate::budget::DEFAULT_WAIT,
             cluster_key_file: None,
             cluster: crate::cluster::ClusterConfig::new("127.0.0.1:4040".into()),

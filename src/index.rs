@@ -127,17 +127,32 @@ pub struct Index {
     next_staging: AtomicU64,
 }
 
+/// Memory the index database may use to cache its pages, by default
+/// (`--index-cache`). redb's own default, 1 GiB, let a node that walked a
+/// large index (a listing, an index sync, a repair pass) keep every page it
+/// read resident. 16 MiB holds the interior pages of an index of many
+/// millions of records, which is what lookups re-read.
+pub const INDEX_CACHE_BYTES: usize = 16 << 20;
+
 impl Index {
-    /// Opens or creates the index database at `path`.
+    /// Opens or creates the index database at `path`, with the default
+    /// cache ([`INDEX_CACHE_BYTES`]).
     pub fn open(path: &Path) -> Result<Self, IndexError> {
-        Self::open_with_inline_limit(path, MAX_INLINE_CHUNK_IDS)
+        Self::open_with(path, INDEX_CACHE_BYTES, MAX_INLINE_CHUNK_IDS)
     }
 
-    /// Like [`Index::open`], storing chunk lists longer than `inline_limit`
-    /// ids (clamped to 1..=[`MAX_INLINE_CHUNK_IDS`]) out of line. A test knob:
-    /// it lets small uploads take the out-of-line path.
-    pub fn open_with_inline_limit(path: &Path, inline_limit: usize) -> Result<Self, IndexError> {
-        let db = Database::create(path)?;
+    /// Like [`Index::open`], caching at most `cache_bytes` of its pages and
+    /// storing chunk lists longer than `inline_limit` ids (clamped to
+    /// 1..=[`MAX_INLINE_CHUNK_IDS`]; a test knob that lets small uploads
+    /// take the out-of-line path) out of line.
+    pub fn open_with(
+        path: &Path,
+        cache_bytes: usize,
+        inline_limit: usize,
+    ) -> Result<Self, IndexError> {
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .create(path)?;
         let txn = db.begin_write()?;
         let hlc = {
             // Create every table up front so readers never meet a missing one.

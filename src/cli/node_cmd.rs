@@ -97,6 +97,9 @@ pub struct NodeArgs {
     /// Node-wide memory for chunk buffers in flight (at least two chunks)
     #[arg(long, env = "DFS_BUFFER_BUDGET", default_value = "32MiB", value_parser = size_arg)]
     pub buffer_budget: u64,
+    /// Memory for cached index pages (object records); more helps lookups in an index of many millions of objects
+    #[arg(long, env = "DFS_INDEX_CACHE", default_value = "16MiB", value_parser = size_arg)]
+    pub index_cache: u64,
     /// Write the bound gRPC address to this file once serving
     #[arg(long, env = "DFS_ADDR_FILE", value_name = "PATH")]
     pub addr_file: Option<PathBuf>,
@@ -186,6 +189,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     cfg.gc_interval = args.gc_interval;
     cfg.capacity = args.capacity;
     cfg.buffer_budget = usize::try_from(args.buffer_budget).unwrap_or(usize::MAX);
+    cfg.index_cache = usize::try_from(args.index_cache).unwrap_or(usize::MAX);
     cfg.budget_wait = args.limits.budget_wait;
     let limits = args.limits.serve_limits()?;
     cfg.cluster_key_file = args.cluster_key_file.clone();

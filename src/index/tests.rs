@@ -431,7 +431,7 @@ fn records_written_with_long_inline_lists_move_out_of_line_at_open() {
 #[test]
 fn a_lower_inline_limit_moves_short_lists_out_of_line() {
     let dir = tempfile::tempdir().unwrap();
-    let index = Index::open_with_inline_limit(&dir.path().join("i.redb"), 4).unwrap();
+    let index = Index::open_with(&dir.path().join("i.redb"), INDEX_CACHE_BYTES, 4).unwrap();
     index
         .apply(&record("four", 1, "n", &[1, 2, 3, 4], false))
         .unwrap();
@@ -442,4 +442,38 @@ fn a_lower_inline_limit_moves_short_lists_out_of_line() {
     let five = index.get("five").unwrap().unwrap();
     assert!(five.list_digest().is_some());
     assert_eq!(index.chunk_ids(&five, 4, 1).unwrap(), [ChunkId([5; 20])]);
+}
+
+#[test]
+fn the_index_cache_is_bounded_whatever_the_index_size() {
+    // redb's own default cache is 1 GiB: a node that walked a large index
+    // (a listing, a sync, a repair pass) kept every page it read resident.
+    let (_d, index) = open();
+    let value = vec![0x5au8; 400];
+    let keys = (INDEX_CACHE_BYTES * 3) / value.len();
+    let txn = index.db.begin_write().unwrap();
+    {
+        let mut objects = txn.open_table(OBJECTS).unwrap();
+        for i in 0..keys {
+            objects
+                .insert(format!("cache-test/{i:09}").as_str(), value.as_slice())
+                .unwrap();
+        }
+    }
+    txn.commit().unwrap();
+    let txn = index.db.begin_read().unwrap();
+    let objects = txn.open_table(OBJECTS).unwrap();
+    let mut read = 0usize;
+    for entry in objects.iter().unwrap() {
+        read += entry.unwrap().1.value().len();
+    }
+    assert_eq!(read, keys * value.len());
+    let stats = index.db.cache_stats();
+    assert!(
+        stats.used_bytes() <= INDEX_CACHE_BYTES && stats.evictions() > 0,
+        "after reading {read} bytes of records the cache holds {} bytes (bound {INDEX_CACHE_BYTES}), \
+         {} evictions",
+        stats.used_bytes(),
+        stats.evictions()
+    );
 }

@@ -143,8 +143,9 @@ impl Node {
         let id = key.node_id().to_owned();
         let secret = load_or_create_secret(&cfg)?;
         let store = Arc::new(ChunkStore::open(dir, cfg.capacity)?);
-        let index = Arc::new(Index::open_with_inline_limit(
+        let index = Arc::new(Index::open_with(
             &dir.join("index.redb"),
+            cfg.index_cache,
             cfg.inline_chunk_ids,
         )?);
         let keys = Keys::derive(&secret);
