@@ -69,9 +69,7 @@ impl MachineLimits {
             crate::units::format_size(disk_bytes)
         );
     }
-}
 
-impl MachineLimits {
     /// The least CPU per GiB a path can cost on this machine: the crypto it
     /// needs (`crypto`, seconds per GiB) plus `sends` loopback sends and
     /// `recvs` loopback receives of every byte, which no user-space work

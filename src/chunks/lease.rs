@@ -104,10 +104,7 @@ impl Leases {
     /// Chunks written or refreshed at or after this time belong, for all
     /// this node knows, to an upload in progress. `None`: no lease holds.
     pub fn protected_since(&self) -> Option<SystemTime> {
-        let now = Instant::now();
-        let mut held = self.lock();
-        held.retain(|_, l| l.expires > now);
-        held.values().map(|l| l.since).min()
+        oldest_in_force(&mut self.lock())
     }
 
     /// Runs `f` with the time the collector may delete below: `base`, or
@@ -118,14 +115,8 @@ impl Leases {
     /// that takes the lease from a pass's start would let a pass delete a
     /// chunk after its lease was renewed, unseen by that renewal.
     pub fn with_cutoff<R>(&self, base: SystemTime, f: impl FnOnce(SystemTime) -> R) -> R {
-        let now = Instant::now();
         let mut held = self.lock();
-        held.retain(|_, l| l.expires > now);
-        let cutoff = held
-            .values()
-            .map(|l| l.since)
-            .min()
-            .map_or(base, |since| since.min(base));
+        let cutoff = oldest_in_force(&mut held).map_or(base, |since| since.min(base));
         f(cutoff)
     }
 
@@ -147,6 +138,14 @@ impl Leases {
         let now = Instant::now();
         self.lock().values().filter(|l| l.expires > now).count()
     }
+}
+
+/// Drops the leases that have expired and returns the start of the oldest
+/// upload still holding one.
+fn oldest_in_force(held: &mut HashMap<LeaseId, Lease>) -> Option<SystemTime> {
+    let now = Instant::now();
+    held.retain(|_, l| l.expires > now);
+    held.values().map(|l| l.since).min()
 }
 
 #[cfg(test)]
